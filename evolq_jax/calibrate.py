@@ -1,0 +1,101 @@
+"""FQ-ViT initialization: full-precision statistics on calibration data -> QParams.
+
+Weights: one observer call per kernel (per output channel). Activations: the
+model runs in "calib" mode batch by batch; each quantization point's observer
+state is folded in a jitted step; the last batch feeds OMSE / PTF, as in FQ-ViT.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from evolq_jax.config import QuantConfig
+from evolq_jax.models.forward import calibration_stats
+from evolq_jax.models.presets import ViTConfig
+from evolq_jax.models.vit import RESIDUAL_POINTS
+from evolq_jax.qparams import QParams, non_finite_paths
+from evolq_jax.quant import observers
+from evolq_jax.quant.ptf import ptf_qparams
+from evolq_jax.quant.weights import calibrate_weights
+
+
+def _point_name(path) -> str:
+  return path[-1].key
+
+
+def _is_ptf(qcfg: QuantConfig, path) -> bool:
+  return qcfg.ptf and _point_name(path) in RESIDUAL_POINTS
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fold_batch(cfg: ViTConfig, qcfg: QuantConfig, params, states, images):
+  _, stats = calibration_stats(cfg, params, images)
+
+  def fold(path, x, state):
+    name = "minmax" if _is_ptf(qcfg, path) else qcfg.a_observer
+    return observers.update(name, state, x, channelwise=_is_ptf(qcfg, path))
+
+  return jax.tree_util.tree_map_with_path(fold, stats["stats"], states)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _finalize(cfg: ViTConfig, qcfg: QuantConfig, params, states, last_images):
+  _, stats = calibration_stats(cfg, params, last_images)
+  spec = qcfg.a_spec
+
+  def final(path, x, state):
+    if _is_ptf(qcfg, path):
+      scale, zp = ptf_qparams(state["min"], state["max"], x, spec)
+    else:
+      scale, zp = observers.finalize(qcfg.a_observer, state, x, spec)
+    return {"scale": scale, "zero_point": zp}
+
+  return jax.tree_util.tree_map_with_path(final, stats["stats"], states)
+
+
+def _init_states(cfg, qcfg, params, images):
+  shapes = jax.eval_shape(lambda: calibration_stats(cfg, params, images)[1]["stats"])
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: observers.init_state(s.shape[-1:] if _is_ptf(qcfg, path) else ()),
+      shapes)
+
+
+def calibrate(cfg: ViTConfig, qcfg: QuantConfig, params, images, batch_size: int = 100,
+              progress: bool = True) -> QParams:
+  """FQ-ViT initialization of every scale and zero point.
+
+  Args:
+    images: float32 (N, H, W, C) calibration images, normalized for the model;
+      N should be a multiple of batch_size (a ragged last batch is dropped).
+  Returns:
+    QParams; raises ValueError when a statistic is NaN / inf.
+  """
+  cfg.check_images(images.shape)
+  n_batches = len(images) // batch_size
+  if n_batches == 0:
+    raise ValueError(f"{len(images)} calibration images are fewer than one batch of "
+                     f"{batch_size}: lower calib.batch_size or pass more images.")
+  batches = [jnp.asarray(images[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
+  states = _init_states(cfg, qcfg, params, batches[0])
+  for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
+    states = _fold_batch(cfg, qcfg, params, states, batch)
+  acts = _finalize(cfg, qcfg, params, states, batches[-1])
+  qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts=acts)
+  bad = non_finite_paths(qparams)
+  if bad:
+    raise ValueError(
+        f"calibration produced NaN/inf at {len(bad)} quantization point(s): "
+        f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model's outputs are not "
+        "finite on the calibration images: check the checkpoint and the input normalization.")
+  return qparams
+
+
+def calibration_images(images: np.ndarray, num: int, seed: int = 0) -> np.ndarray:
+  """A seeded random subset of `num` images (the calibration set)."""
+  if num > len(images):
+    raise ValueError(f"calib.num_images={num} but only {len(images)} images are available.")
+  return images[np.random.default_rng(seed).permutation(len(images))[:num]]

@@ -1,0 +1,2 @@
+"""Data sources -> normalized float32 NHWC arrays and int32 labels."""
+from evolq_jax.data.sources import SOURCES, load_split

@@ -1,0 +1,65 @@
+"""Uniform affine fake quantization: per tensor or per output channel (last axis).
+
+Conventions (FQ-ViT's): q = clip(round(x / scale) + zero_point, qmin, qmax) and
+x_hat = (q - zero_point) * scale. `scale` is a scalar (per tensor) or a vector
+of length x.shape[-1] (per channel); zero points are integers stored as floats.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from evolq_jax.quant.bits import BitSpec
+
+EPS = 1e-8
+
+
+def qparams_from_range(lo, hi, spec: BitSpec):
+  """Scale and zero point covering [lo, hi] (widened to include 0).
+
+  Args:
+    lo, hi: arrays of equal shape (scalar or per channel).
+  Returns:
+    (scale, zero_point), same shape as lo.
+  """
+  lo = jnp.minimum(lo, 0.0)
+  hi = jnp.maximum(hi, 0.0)
+  if spec.signed:  # symmetric grid around 0
+    scale = jnp.maximum(jnp.maximum(-lo, hi) / ((spec.qmax - spec.qmin) / 2), EPS)
+    zero_point = jnp.zeros_like(scale)
+  else:
+    scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
+    zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax)
+  return scale, zero_point
+
+
+def quantize(x, scale, zero_point, spec: BitSpec):
+  """Real values -> integer grid (returned as floats)."""
+  return jnp.clip(jnp.round(x / scale) + zero_point, spec.qmin, spec.qmax)
+
+
+def dequantize(q, scale, zero_point):
+  return (q - zero_point) * scale
+
+
+def fake_quant(x, scale, zero_point, spec: BitSpec):
+  """quantize then dequantize; gradients are zero almost everywhere."""
+  return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point)
+
+
+def _round_ste(x):
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def fake_quant_ste(x, scale, zero_point, spec: BitSpec):
+  """fake_quant with a straight-through estimator for round (LSQ-style).
+
+  Values equal fake_quant's; gradients flow to x inside the clip range and to
+  scale everywhere, which is what gradient baselines over scales need.
+  """
+  q = jnp.clip(_round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
+  return (q - zero_point) * scale
+
+
+def mse(x, y, axes=None):
+  return jnp.mean(jnp.square(x - y), axis=axes)
