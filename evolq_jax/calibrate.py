@@ -10,7 +10,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from evolq_jax.config import QuantConfig
@@ -83,19 +82,23 @@ def calibrate(cfg: ViTConfig, qcfg: QuantConfig, params, images, batch_size: int
   states = _init_states(cfg, qcfg, params, batches[0])
   for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
     states = _fold_batch(cfg, qcfg, params, states, batch)
+  _check_finite(states)
   acts = _finalize(cfg, qcfg, params, states, batches[-1])
   qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts=acts)
   bad = non_finite_paths(qparams)
   if bad:
-    raise ValueError(
-        f"calibration produced NaN/inf at {len(bad)} quantization point(s): "
-        f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model's outputs are not "
-        "finite on the calibration images: check the checkpoint and the input normalization.")
+    raise ValueError(f"calibration produced NaN/inf quantization parameters at {', '.join(bad[:6])}"
+                     f"{' ...' if len(bad) > 6 else ''}: check the checkpoint's weights.")
   return qparams
 
 
-def calibration_images(images: np.ndarray, num: int, seed: int = 0) -> np.ndarray:
-  """A seeded random subset of `num` images (the calibration set)."""
-  if num > len(images):
-    raise ValueError(f"calib.num_images={num} but only {len(images)} images are available.")
-  return images[np.random.default_rng(seed).permutation(len(images))[:num]]
+def _check_finite(states) -> None:
+  counts = jax.tree_util.tree_flatten_with_path(
+      jax.tree.map(lambda s: s["nonfinite"], states, is_leaf=lambda t: isinstance(t, dict) and "nonfinite" in t))[0]
+  bad = [jax.tree_util.keystr(p, simple=True, separator="/") for p, n in counts if int(n) > 0]
+  if bad:
+    raise ValueError(
+        f"the model's activations hold NaN/inf at {len(bad)} quantization point(s): "
+        f"{', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The model's outputs are not "
+        "finite on the calibration images: check the checkpoint and the input normalization.")
+

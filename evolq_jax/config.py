@@ -50,3 +50,83 @@ class QuantConfig:
   @property
   def name(self) -> str:
     return f"W{self.w_bits}A{self.a_bits}"
+
+
+# --- Run configuration (ml_collections) ------------------------------------
+
+def base_config():
+  """Every option of a run, with its default. Config files override a few."""
+  import ml_collections
+  c = ml_collections.ConfigDict()
+  c.model = "vit_fixture_patch4_28"
+  c.checkpoint = "bundled"  # "bundled" | path to .safetensors (Flax or timm) | "random"
+  c.data = ml_collections.ConfigDict(dict(
+      source="bundled", dir="", name="imagenet2012", data_dir="", train_split="train",
+      test_split="validation", limit=0))
+  c.calib = ml_collections.ConfigDict(dict(num_images=1000, batch_size=100, seed=0))
+  q = QuantConfig()
+  c.quant = ml_collections.ConfigDict(dict(
+      w_bits=q.w_bits, a_bits=q.a_bits, w_observer=q.w_observer, a_observer=q.a_observer,
+      ptf=q.ptf, log2_softmax=q.log2_softmax, prob_bits=q.prob_bits,
+      bias_correction=q.bias_correction))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=500, limit=0))
+  c.seed = 0
+  return c
+
+
+def quant_config(c) -> QuantConfig:
+  return QuantConfig(**c.quant.to_dict())
+
+
+def load_config(spec: str):
+  """'path/to/file.py[:arg]' -> ConfigDict from the file's get_config([arg])."""
+  import importlib.util
+  import os
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist (see configs/ for examples).")
+  module_spec = importlib.util.spec_from_file_location("evolq_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"config file {path!r} defines no get_config() function.")
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse_value(text: str):
+  import ast
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(c, overrides):
+  """['quant.w_bits=4', ...] -> c with those fields set (types are checked)."""
+  for item in overrides or ():
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected key=value, e.g. --set quant.w_bits=4.")
+    node = c
+    parts = key.split(".")
+    for p in parts[:-1]:
+      if p not in node:
+        raise ValueError(f"--set {item!r}: no config field {key!r}.")
+      node = node[p]
+    if parts[-1] not in node:
+      raise ValueError(f"--set {item!r}: no config field {key!r}; known here: "
+                       f"{sorted(node.keys())}.")
+    node[parts[-1]] = _parse_value(value)
+  return c
+
+
+def bits_config(setting: str, model: str, **overrides):
+  """base_config() for `model` at a setting like 'W4A8'; overrides are dotted keys."""
+  import re
+  m = re.fullmatch(r"[Ww](\d)[Aa](\d)", setting or "")
+  if not m:
+    raise ValueError(f"bit setting {setting!r} is not of the form W<bits>A<bits>, e.g. W4A8.")
+  c = base_config()
+  c.model = model
+  c.quant.w_bits, c.quant.a_bits = int(m.group(1)), int(m.group(2))
+  return apply_overrides(c, [f"{k}={v!r}" for k, v in overrides.items()])

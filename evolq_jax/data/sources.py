@@ -86,7 +86,7 @@ def _tfds(cfg, split, model_cfg, limit, seed):
             "test": _get(cfg, "test_split", "validation")}
   if split not in splits:
     raise ValueError(f"split={split!r} is unknown: expected one of {tuple(splits)}.")
-  src = tfds.data_source(name, split=splits[split], data_dir=_get(cfg, "data_dir"))
+  src = tfds.data_source(name, split=splits[split], data_dir=_get(cfg, "data_dir") or None)
   order = _select(len(src), limit, seed)
   images = np.empty((len(order), model_cfg.img_size, model_cfg.img_size, model_cfg.in_chans),
                     np.float32)
@@ -108,7 +108,7 @@ def load_split(data, split: str, model_cfg, limit: int | None = None, seed: int 
   `seed` shuffles before `limit` is applied (e.g. a random calibration set).
   """
   source = _get(data, "source", "bundled")
-  limit = limit if limit is not None else _get(data, "limit")
+  limit = limit if limit is not None else (_get(data, "limit") or None)  # 0 = all
   # Every source applies seed/limit (_select) before decoding/normalizing, so a
   # small calibration subset of a large dataset only decodes what it keeps.
   if source == "idx":
@@ -119,7 +119,8 @@ def load_split(data, split: str, model_cfg, limit: int | None = None, seed: int 
   if source == "image_folder":
     if not _get(data, "dir"):
       raise ValueError("data.source='image_folder' needs data.dir (a folder with split folders).")
-    return _image_folder(_get(data, "dir"), split, model_cfg, limit, seed)
+    folder_split = _get(data, f"{split}_split") or split  # e.g. test_split="val"
+    return _image_folder(_get(data, "dir"), folder_split, model_cfg, limit, seed)
   if source == "tfds":
     return _tfds(data, split, model_cfg, limit, seed)
   raise ValueError(f"data.source={source!r} is unknown: expected one of {SOURCES}.")

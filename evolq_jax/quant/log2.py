@@ -14,4 +14,5 @@ def log2_fake_quant(p, spec: BitSpec):
   exponent = jnp.round(-jnp.log2(jnp.maximum(p, 1e-30)))
   underflow = exponent >= 2 ** spec.bits
   exponent = jnp.clip(exponent, 0, 2 ** spec.bits - 1)
-  return jnp.where(underflow, 0.0, jnp.exp2(-exponent))
+  # ldexp gives exact powers of two (exp2 is off by an ulp on some backends)
+  return jnp.where(underflow, 0.0, jnp.ldexp(jnp.ones_like(p), -exponent.astype(jnp.int32)))

@@ -47,7 +47,8 @@ def init_state(shape=()):
   """An empty state; `shape` is () per tensor or (channels,) per channel."""
   return {"min": jnp.full(shape, jnp.inf, jnp.float32),
           "max": jnp.full(shape, -jnp.inf, jnp.float32),
-          "count": jnp.zeros((), jnp.int32)}
+          "count": jnp.zeros((), jnp.int32),
+          "nonfinite": jnp.zeros((), jnp.int32)}
 
 
 def update(name: str, state, x, channelwise: bool = False):
@@ -60,7 +61,9 @@ def update(name: str, state, x, channelwise: bool = False):
     sigma = EMA_SIGMA if name == "ema" else PERCENTILE_SIGMA
     new_lo = jnp.where(first, lo, state["min"] + sigma * (lo - state["min"]))
     new_hi = jnp.where(first, hi, state["max"] + sigma * (hi - state["max"]))
-  return {"min": new_lo, "max": new_hi, "count": state["count"] + 1}
+  # min/max reductions may skip NaN on some backends: count them explicitly.
+  nonfinite = state["nonfinite"] + jnp.sum(~jnp.isfinite(x)).astype(jnp.int32)
+  return {"min": new_lo, "max": new_hi, "count": state["count"] + 1, "nonfinite": nonfinite}
 
 
 def _omse(state, x, spec, channelwise):

@@ -1,0 +1,38 @@
+"""Metrics: top-1, top-5 and top-1 agreement with the full-precision model."""
+from __future__ import annotations
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def batched_logits(fn, images, batch_size: int = 500, desc: str | None = None) -> np.ndarray:
+  """Apply a jitted `fn(images) -> logits` batch by batch; -> float32 (N, classes).
+
+  The last batch is padded to batch_size so `fn` compiles once.
+  """
+  out = []
+  for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
+    batch = images[i:i + batch_size]
+    n = len(batch)
+    if n < batch_size:
+      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
+    out.append(np.asarray(fn(batch))[:n])
+  logits = np.concatenate(out).astype(np.float32)
+  if not np.all(np.isfinite(logits)):
+    raise ValueError("the model produced NaN/inf logits: check the checkpoint, the input "
+                     "normalization and the quantization parameters.")
+  return logits
+
+
+def topk_accuracy(logits, labels, k: int) -> float:
+  k = min(k, logits.shape[-1])
+  top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+  return 100.0 * float(np.mean(np.any(top == labels[:, None], axis=-1)))
+
+
+def classification_metrics(logits, labels, fp_logits=None) -> dict:
+  """Percentages: top1, top5 and (with fp_logits) agreement = same top-1 as FP."""
+  m = {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
+  if fp_logits is not None:
+    m["agreement"] = 100.0 * float(np.mean(logits.argmax(-1) == fp_logits.argmax(-1)))
+  return m

@@ -1,0 +1,104 @@
+"""A run from its config: model + data -> calibrate -> evaluate -> summary.json.
+
+The pieces are plain functions so notebooks can call them one by one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import QuantConfig, quant_config
+from evolq_jax.data import load_split
+from evolq_jax.evaluate import batched_logits, classification_metrics
+from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
+
+CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
+
+
+def bundled_checkpoint(model: str) -> str:
+  path = os.path.join(CHECKPOINT_DIR, f"{model}.safetensors")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"no bundled checkpoint for model {model!r} (only the fixture ships one). Set "
+        "checkpoint=PATH to a timm/Flax .safetensors file, or checkpoint='random'.")
+  return path
+
+
+def load_model(c):
+  """-> (ViTConfig, params) from c.model and c.checkpoint."""
+  cfg = get_preset(c.model)
+  if c.checkpoint == "random":
+    return cfg, init_params(cfg, jax.random.key(c.seed))
+  if not c.checkpoint:
+    raise ValueError(f"model {c.model!r} needs a checkpoint: --set checkpoint=PATH to a timm "
+                     "or Flax .safetensors file (or checkpoint=random for a smoke run).")
+  path = bundled_checkpoint(c.model) if c.checkpoint == "bundled" else c.checkpoint
+  return cfg, load_params(path, cfg)
+
+
+def load_data(c, cfg):
+  """-> dict of calibration images and the test split (images, labels)."""
+  calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
+  if len(calib_x) < c.calib.num_images:
+    raise ValueError(f"calib.num_images={c.calib.num_images} but the train split has only "
+                     f"{len(calib_x)} images.")
+  test_x, test_y = load_split(c.data, "test", cfg, limit=c.eval.limit or None)
+  return {"calib": calib_x, "test": (test_x, test_y)}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(cfg, qcfg: QuantConfig | None):
+  if qcfg is None:
+    return jax.jit(lambda p, x: fp_logits(cfg, p, x))
+  return jax.jit(lambda p, q, x: quantized_logits(cfg, qcfg, p, q, x))
+
+
+def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=500, desc=None):
+  """Logits (N, classes) of the FP model (qcfg None) or the quantized one."""
+  fn = _jitted(cfg, qcfg)
+  call = (lambda x: fn(params, x)) if qcfg is None else (lambda x: fn(params, qparams, x))
+  return batched_logits(call, images, batch_size, desc)
+
+
+def run_eval(c, workdir: str | None = None, progress: bool = True) -> dict:
+  """Calibrate (FQ-ViT init) and evaluate FP and quantized models."""
+  start = time.time()
+  qcfg = quant_config(c)
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  test_x, test_y = data["test"]
+  desc = (lambda s: s) if progress else (lambda s: None)
+  fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
+  qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
+  q = predict(cfg, params, test_x, qcfg, qparams, c.eval.batch_size, desc(f"eval {qcfg.name}"))
+  fp_m, q_m = classification_metrics(fp, test_y), classification_metrics(q, test_y, fp)
+  summary = {
+      "model": cfg.name, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
+      "quant": dataclasses.asdict(qcfg), "checkpoint": c.checkpoint,
+      "calib_images": int(len(data["calib"])), "test_images": int(len(test_x)),
+      "fp_top1": fp_m["top1"], "fp_top5": fp_m["top5"],
+      "init_top1": q_m["top1"], "init_top5": q_m["top5"], "init_agreement": q_m["agreement"],
+      "seconds": round(time.time() - start, 2),
+  }
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+  """Plain-text table of dicts; floats with 2 decimals."""
+  cells = [[f"{r.get(k):.2f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
+            for k in columns] for r in rows]
+  widths = [max(len(k), *(len(row[i]) for row in cells)) for i, k in enumerate(columns)]
+  line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+  return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+

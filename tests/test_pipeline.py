@@ -1,0 +1,90 @@
+"""Configs, the `evolq` command and clear errors for bad input."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.cli import main
+from evolq_jax.config import QuantConfig, apply_overrides, base_config, bits_config, load_config
+from evolq_jax.evaluate import classification_metrics, topk_accuracy
+from evolq_jax.models import get_preset, init_params
+
+SMALL = ["checkpoint='random'", "calib.num_images=40", "calib.batch_size=20", "eval.limit=100",
+         "eval.batch_size=50"]
+
+
+def test_eval_command_writes_summary(tmp_path, capsys):
+  rc = main(["eval", "--config", "configs/fixture_w4a8.py", "--workdir", str(tmp_path)]
+            + sum([["--set", s] for s in SMALL], []))
+  assert rc == 0
+  s = json.loads((tmp_path / "summary.json").read_text())
+  for key in ("model", "w_bits", "a_bits", "fp_top1", "init_top1", "seconds"):
+    assert key in s
+  assert (s["model"], s["w_bits"], s["a_bits"]) == ("vit_fixture_patch4_28", 4, 8)
+  assert s["test_images"] == 100 and s["calib_images"] == 40
+  assert 0 <= s["init_top1"] <= 100 and s["seconds"] > 0
+  assert "FQ-ViT init" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quant.w_bits=9", r"bits=9.*\[2, 8\]"),
+    ("quant.a_bits=1", r"bits=1.*\[2, 8\]"),
+    ("quant.w_observer='median'", "w_observer='median'"),
+    ("model='deit_huge'", "model='deit_huge' is unknown"),
+    ("data.source='idx'", None),  # with a missing folder, below
+    ("data.source='parquet'", "data.source='parquet' is unknown"),
+    ("checkpoint='/nonexistent/ckpt.safetensors'", "does not exist"),
+])
+def test_bad_config_values_give_clear_errors(tmp_path, capsys, override, message):
+  extra = ["--set", "data.dir='/nonexistent/fmnist'"] if override.startswith("data.source='idx'") else []
+  rc = main(["eval", "--config", "configs/fixture_w8a8.py", "--workdir", str(tmp_path),
+             "--set", override] + extra + sum([["--set", s] for s in SMALL if "checkpoint" not in s
+                                              or "checkpoint" not in override], []))
+  assert rc == 2
+  err = capsys.readouterr().err
+  assert "error:" in err
+  assert (message or "/nonexistent/fmnist") in err or __import__("re").search(message, err)
+
+
+def test_overrides_and_config_files():
+  c = apply_overrides(base_config(), ["quant.w_bits=3", "data.source=idx", "quant.ptf=False"])
+  assert (c.quant.w_bits, c.data.source, c.quant.ptf) == (3, "idx", False)
+  with pytest.raises(ValueError, match="no config field 'quant.wbits'"):
+    apply_overrides(base_config(), ["quant.wbits=3"])
+  with pytest.raises(ValueError, match="key=value"):
+    apply_overrides(base_config(), ["quant.w_bits"])
+  with pytest.raises(ValueError, match="W<bits>A<bits>"):
+    bits_config("8bit", "vit_fixture_patch4_28")
+  assert load_config("configs/deit_small.py:W3A8").quant.w_bits == 3
+  for name in ("fixture_w8a8", "fixture_w4a8", "fixture_w3a8", "deit_tiny", "deit_small",
+               "deit_base", "vit_base"):
+    get_preset(load_config(f"configs/{name}.py").model)
+  with pytest.raises(FileNotFoundError):
+    load_config("configs/nope.py")
+
+
+def test_timm_config_without_checkpoint_says_what_to_set(tmp_path, capsys):
+  assert main(["eval", "--config", "configs/deit_tiny.py", "--workdir", str(tmp_path)]) == 2
+  assert "--set checkpoint=PATH" in capsys.readouterr().err
+
+
+def test_nan_in_calibration_is_reported_by_point():
+  cfg = get_preset("vit_fixture_patch4_28")
+  params = init_params(cfg, jax.random.key(0))
+  params["blocks_2"]["mlp"]["fc1"]["bias"] = params["blocks_2"]["mlp"]["fc1"]["bias"].at[0].set(np.nan)
+  x = np.random.default_rng(0).standard_normal((20, 28, 28, 1)).astype(np.float32)
+  with pytest.raises(ValueError, match=r"NaN/inf.*blocks_2/mlp/gelu_out"):
+    calibrate(cfg, QuantConfig(), params, x, batch_size=20, progress=False)
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    calibrate(cfg, QuantConfig(), params, x, batch_size=50, progress=False)
+
+
+def test_metrics():
+  logits = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]], np.float32)
+  labels = np.array([1, 1, 0])
+  assert topk_accuracy(logits, labels, 1) == pytest.approx(100 / 3)
+  assert topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
+  m = classification_metrics(logits, labels, fp_logits=logits[[0, 2, 1]])
+  assert m["agreement"] == pytest.approx(100 / 3)
