@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from evolq_jax.data import load_split
 from evolq_jax.models import VisionTransformer, get_preset
-from evolq_jax.models.checkpoint import save_params
+from evolq_jax.models.checkpoint import load_params, save_params
 
 PAD = 2
 
@@ -70,6 +70,8 @@ def train(config, workdir: str) -> dict:
   key = jax.random.key(t.seed)
   key, init_key = jax.random.split(key)
   params = model.init(init_key, jnp.asarray(x_train[:1]))["params"]
+  if t.get("init_checkpoint"):  # continue from earlier params (a second stage)
+    params = load_params(t.init_checkpoint, cfg)
   steps_per_epoch = len(x_train) // t.batch_size
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch)

@@ -63,7 +63,9 @@ class Attention(QuantPoint):
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (b, heads, n, hd)
     logits = self.qpoint("logits", (q * hd ** -0.5) @ k.swapaxes(-1, -2), aq)
-    probs = self.qpoint(PROB_POINT, nn.softmax(logits.astype(jnp.float32), axis=-1), aq)
+    # softmax in at least float32 (bf16 logits are upcast; float64 stays)
+    probs = self.qpoint(PROB_POINT, nn.softmax(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1), aq)
     ctx = (probs.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
     ctx = self.qpoint("context", ctx, aq)
     return self.qpoint("proj_out", nn.Dense(d, name="proj")(ctx), aq)

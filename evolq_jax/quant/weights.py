@@ -38,15 +38,21 @@ def bias_correct(w, w_hat):
   return (w_hat - mu_hat) * (sd / jnp.maximum(sd_hat, 1e-12)) + mu
 
 
+def quantize_kernel(w, scale, zero_point, spec: BitSpec, bias_correction: bool = False,
+                    ste: bool = False):
+  """One kernel (..., out) fake-quantized per output channel."""
+  w_hat = (fake_quant_ste if ste else fake_quant)(w, scale, zero_point, spec)
+  return bias_correct(w, w_hat) if bias_correction else w_hat
+
+
 def quantize_weights(params, wq, spec: BitSpec, bias_correction: bool = False,
                      ste: bool = False):
   """Fake-quantize every kernel named in `wq`; other leaves pass through."""
-  fq = fake_quant_ste if ste else fake_quant
   flat = traverse_util.flatten_dict(params)
   flat_q = traverse_util.flatten_dict(wq)
   out = dict(flat)
   for path in {p[:-1] for p in flat_q}:
-    w = flat[path + ("kernel",)]
-    w_hat = fq(w, flat_q[path + ("scale",)], flat_q[path + ("zero_point",)], spec)
-    out[path + ("kernel",)] = bias_correct(w, w_hat) if bias_correction else w_hat
+    out[path + ("kernel",)] = quantize_kernel(
+        flat[path + ("kernel",)], flat_q[path + ("scale",)], flat_q[path + ("zero_point",)],
+        spec, bias_correction, ste)
   return traverse_util.unflatten_dict(out)

@@ -1,0 +1,190 @@
+"""The block-wise search: passes over the attention blocks, last to first.
+
+For each block: cache the prefix tokens, score the current scales, run the
+strategy for `generations` generations (ask -> population fitness -> tell),
+and keep the best candidate only if it beats the current scales (block-level
+elitism: calibration fitness never gets worse). An orbax checkpoint is written
+after every block, so a killed run resumes to the same result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from evolq_jax.config import QuantConfig
+from evolq_jax.losses import LOSSES, batched_loss
+from evolq_jax.models.forward import quantize_params, quantized_logits
+from evolq_jax.models.presets import ViTConfig
+from evolq_jax.search import checkpoint as ckpt
+from evolq_jax.search.fitness import population_fitness, prefix_activations, reference_logits
+from evolq_jax.search.gradient import GRADIENT_METHODS, gradient_block_search
+from evolq_jax.search.space import SearchSpace, block_scales, set_block_scales
+from evolq_jax.search.strategies import STRATEGIES, make_strategy, paper_radius
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """The search's settings; defaults are the reference's (P=10, K=3, pool 15)."""
+  strategy: str = "evolq"
+  loss: str = "infonce"
+  temperature: float = 3.0
+  passes: int = 10
+  generations: int = 3
+  population: int = 15
+  tournament: int = 10
+  children: int = 1
+  radius: float = 0.0        # 0: the paper's r for the weight bits
+  sigma: float = 0.02        # evosax / gradient: relative step size
+  param: str = "log"
+  layers: tuple = ("qkv", "proj")
+  acts: bool = False
+  loss_batch: int = 100
+  chunk: int = 0             # candidates vmapped at once; 0 = the whole population
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES + GRADIENT_METHODS:
+      raise ValueError(f"search.strategy={self.strategy!r} is unknown: expected one of "
+                       f"{STRATEGIES + GRADIENT_METHODS}.")
+    if self.loss not in LOSSES:
+      raise ValueError(f"search.loss={self.loss!r} is unknown: expected one of {LOSSES}.")
+    if not self.temperature > 0:
+      raise ValueError(f"search.temperature={self.temperature!r} must be > 0 (paper: 3.0).")
+    if self.population < 2:
+      raise ValueError(f"search.population={self.population} must be >= 2 (paper: 15).")
+    if self.radius < 0:
+      raise ValueError(f"search.radius={self.radius!r} must be >= 0 (0 = the paper's r).")
+    for name in ("passes", "generations", "children", "loss_batch"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"search.{name}={getattr(self, name)!r} must be >= 1.")
+    SearchSpace(tuple(self.layers), self.acts)
+
+  @property
+  def space(self) -> SearchSpace:
+    return SearchSpace(tuple(self.layers), self.acts)
+
+  def candidates_per_generation(self) -> int:
+    return self.children if self.strategy in ("evolq",) + GRADIENT_METHODS else self.population
+
+
+@dataclasses.dataclass
+class SearchResult:
+  qparams: object
+  history: list
+  fitness_init: float
+  fitness_final: float
+  candidates: int
+  seconds: float
+
+
+def calibration_fitness(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, fp_ref,
+                        scfg: SearchConfig, batch_size: int = 100) -> float:
+  """The search's loss for the whole quantized model (full forward)."""
+  fn = jax.jit(lambda p, q, x: quantized_logits(cfg, qcfg, p, q, x))
+  q = jnp.concatenate([fn(params, qparams, images[i:i + batch_size])
+                       for i in range(0, len(images), batch_size)])
+  return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_strategy(scfg: SearchConfig, num_dims: int, radius: float):
+  s = make_strategy(scfg.strategy, num_dims, population=scfg.population,
+                    tournament=scfg.tournament, children=scfg.children, radius=radius,
+                    sigma=scfg.sigma, param=scfg.param)
+  return s._replace(init=jax.jit(s.init), ask=jax.jit(s.ask), tell=jax.jit(s.tell))
+
+
+def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref, block: int,
+                 key, on_generation: Optional[Callable] = None):
+  """Search one block's scales. -> (qparams, records, candidates evaluated)."""
+  tokens = prefix_activations(cfg, qcfg, params, qparams, images, block)
+  fq = quantize_params(qcfg, params, qparams)
+  vec0, layout = block_scales(qparams, block, scfg.space, qcfg.log2_softmax)
+  score = lambda pop: population_fitness(  # noqa: E731
+      cfg, qcfg, block, layout, scfg.loss, scfg.temperature, scfg.loss_batch, scfg.chunk,
+      pop, params, fq, qparams, tokens, fp_ref)
+  f0 = float(score(vec0[None])[0])
+  if scfg.strategy in GRADIENT_METHODS:
+    best_vec, records, n = gradient_block_search(
+        cfg, qcfg, scfg, params, fq, qparams, tokens, fp_ref, block, layout, vec0, f0,
+        on_generation)
+  else:
+    radius = scfg.radius or paper_radius(qcfg.w_bits)
+    best_vec, records, n = _evolve(scfg, radius, score, vec0, f0, key, on_generation)
+  return set_block_scales(qparams, block, best_vec, layout), records, n + 1
+
+
+def _evolve(scfg, radius, score, vec0, f0, key, on_generation):
+  strategy = _jitted_strategy(scfg, int(vec0.shape[0]), float(radius))
+  key, k_init = jax.random.split(key)
+  state = strategy.init(k_init, vec0, jnp.float32(f0))
+  best_vec, best_f, records, n = vec0, f0, [], 0
+  for g in range(scfg.generations):
+    key, k_ask, k_tell = jax.random.split(key, 3)
+    pop, state = strategy.ask(k_ask, state)
+    fit = score(pop)
+    state = strategy.tell(k_tell, pop, fit, state)
+    fit_np = np.asarray(fit)
+    n += len(fit_np)
+    i = int(np.argmin(fit_np))
+    if fit_np[i] < best_f:  # elitism: only a strictly better candidate replaces
+      best_vec, best_f = pop[i], float(fit_np[i])
+    rec = {"generation": g, "best": best_f, "gen_min": float(fit_np.min()),
+           "gen_mean": float(fit_np.mean()), "start": f0}
+    records.append(rec)
+    if on_generation:
+      on_generation(rec)
+  return best_vec, records, n
+
+
+def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
+           seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
+           progress: bool = True) -> SearchResult:
+  """Evol-Q: `scfg.passes` passes over the blocks (last to first)."""
+  if scfg.radius == 0:
+    scfg = dataclasses.replace(scfg, radius=paper_radius(qcfg.w_bits))
+  start_time = time.time()
+  images = jnp.asarray(images)
+  if len(images) < scfg.loss_batch:
+    raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
+                     f"{scfg.loss_batch}.")
+  fp_ref = reference_logits(cfg, params, images)
+  schedule = [(p, b) for p in range(scfg.passes) for b in reversed(range(cfg.depth))]
+  state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
+           "fitness_init": None}
+  if resume and workdir:
+    restored = ckpt.restore(workdir, qparams)
+    if restored is not None:
+      qparams, state = restored
+  if state["fitness_init"] is None:
+    state["fitness_init"] = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
+  bar = tqdm(total=len(schedule) * scfg.generations, initial=state["position"] * scfg.generations,
+             disable=not progress, desc="search")
+  for step in range(state["position"], len(schedule)):
+    p, b = schedule[step]
+    bar.set_description(f"pass {p + 1}/{scfg.passes} block {b}")
+
+    def on_generation(rec, p=p, b=b):
+      bar.update(1)
+      bar.set_postfix(best=f"{rec['best']:.4f}")
+
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    qparams, records, n = search_block(cfg, qcfg, scfg, params, qparams, images, fp_ref, b, key,
+                                       on_generation)
+    state["candidates"] += n
+    for rec in records:
+      state["history"].append({"pass": p, "block": b, **rec,
+                               "candidates": state["candidates"]})
+    state["position"] = step + 1
+    if workdir:
+      ckpt.save(workdir, qparams, {**state, "elapsed": state["elapsed"] + time.time() - start_time})
+  bar.close()
+  final = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
+  return SearchResult(qparams, state["history"], state["fitness_init"], final,
+                      state["candidates"], time.time() - start_time)

@@ -1,0 +1,147 @@
+"""Search strategies behind one evosax-like interface (fitness is minimized).
+
+  state = strategy.init(key, scales0, fitness0)
+  population, state = strategy.ask(key, state)       # (lambda, D) scale vectors
+  state = strategy.tell(key, population, fitness, state)
+
+`evolq` is the paper's tournament search, made generation-parallel: each
+generation breeds `children` (lambda) children scored in one batched pass;
+children=1 is the reference's steady-state cycle. Every evosax algorithm is
+wrapped the same way, searching in a parameterization relative to the block's
+starting scales (log by default) so that step sizes are relative.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+EVOSAX = ("Sep_CMA_ES", "CMA_ES", "SNES", "Open_ES", "SimpleGA", "xNES", "PGPE", "MA_ES")
+STRATEGIES = ("evolq",) + EVOSAX
+PARAMS = ("log", "relative")
+
+
+class Strategy(NamedTuple):
+  init: Callable
+  ask: Callable
+  tell: Callable
+  population_size: int
+
+
+def paper_radius(w_bits: int) -> float:
+  """The reference's absolute perturbation radius r: 1e-3 at 3/4 bits, 1e-4 at 8."""
+  return 1e-4 if w_bits >= 8 else 1e-3
+
+
+# --- the paper's tournament search -------------------------------------------
+
+class EvolQState(NamedTuple):
+  pool: jax.Array      # (M, D)
+  fitness: jax.Array   # (M,)
+
+
+def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
+          radius: float = 1e-3) -> Strategy:
+  if pool_size < 2 or tournament < 1 or children < 1:
+    raise ValueError(f"evolq needs population >= 2, tournament >= 1, children >= 1; got "
+                     f"population={pool_size}, tournament={tournament}, children={children}.")
+  if not radius > 0:
+    raise ValueError(f"search.radius={radius!r} must be > 0 (the paper: 1e-3 at 3/4-bit, "
+                     "1e-4 at 8-bit; 0 picks those).")
+
+  def init(key, scales0, fitness0):
+    return EvolQState(jnp.tile(scales0[None], (pool_size, 1)),
+                      jnp.full((pool_size,), fitness0, jnp.float32))
+
+  def ask(key, state):
+    k_pick, k_noise = jax.random.split(key)
+    picks = jax.random.randint(k_pick, (children, tournament), 0, pool_size)  # with replacement
+    winners = picks[jnp.arange(children), jnp.argmin(state.fitness[picks], axis=1)]
+    noise = jax.random.uniform(k_noise, (children, state.pool.shape[1]), minval=-radius,
+                               maxval=radius)
+    return jnp.abs(state.pool[winners] + noise), state
+
+  def tell(key, population, fitness, state):
+    pool = jnp.concatenate([state.pool, population])
+    fit = jnp.concatenate([state.fitness, fitness])
+    keep = jnp.argsort(fit, stable=True)[:pool_size]  # the worst are dropped
+    return EvolQState(pool[keep], fit[keep])
+
+  return Strategy(init, ask, tell, children)
+
+
+# --- evosax algorithms ---------------------------------------------------------
+
+class WrappedState(NamedTuple):
+  inner: Any
+  scales0: jax.Array
+
+
+def _encode(param, scales, scales0):
+  return jnp.log(scales / scales0) if param == "log" else scales / scales0 - 1.0
+
+
+def _decode(param, z, scales0):
+  return scales0 * (jnp.exp(z) if param == "log" else jnp.abs(1.0 + z))
+
+
+def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float = 0.02,
+                    param: str = "log") -> Strategy:
+  """An evosax algorithm on z, with scales = scales0 * exp(z) (or * (1 + z))."""
+  import evosax.algorithms as algorithms
+  if name not in EVOSAX:
+    raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
+  if param not in PARAMS:
+    raise ValueError(f"search.param={param!r} is unknown: expected one of {PARAMS}.")
+  if population_size < 2:
+    raise ValueError(f"search.population={population_size} must be >= 2.")
+  if not sigma > 0:
+    raise ValueError(f"search.sigma={sigma!r} must be > 0 (relative step size, e.g. 0.02).")
+  cls = getattr(algorithms, name)
+  dummy = jnp.zeros((num_dims,))
+  population_based = name == "SimpleGA"
+  if population_based:
+    es = cls(population_size=population_size, solution=dummy,
+             std_schedule=optax.constant_schedule(sigma))
+  elif name in ("Open_ES", "PGPE"):
+    es = cls(population_size=population_size, solution=dummy,
+             std_schedule=optax.constant_schedule(sigma), optimizer=optax.adam(sigma))
+  elif name == "SNES":
+    es = cls(population_size=population_size, solution=dummy, optimizer=optax.sgd(1.0))
+  else:
+    es = cls(population_size=population_size, solution=dummy)
+  params = es.default_params
+  if hasattr(params, "std_init"):
+    params = params.replace(std_init=sigma)
+
+  def init(key, scales0, fitness0):
+    if population_based:
+      pop = jnp.zeros((population_size, num_dims))
+      inner = es.init(key, pop, jnp.full((population_size,), fitness0), params)
+    else:
+      inner = es.init(key, jnp.zeros((num_dims,)), params)
+    return WrappedState(inner, scales0)
+
+  def ask(key, state):
+    z, inner = es.ask(key, state.inner, params)
+    return _decode(param, z, state.scales0), WrappedState(inner, state.scales0)
+
+  def tell(key, population, fitness, state):
+    z = _encode(param, population, state.scales0)
+    inner, _ = es.tell(key, z, fitness, state.inner, params)
+    return WrappedState(inner, state.scales0)
+
+  return Strategy(init, ask, tell, population_size)
+
+
+def make_strategy(name: str, num_dims: int, *, population: int = 15, tournament: int = 10,
+                  children: int = 1, radius: float = 1e-3, sigma: float = 0.02,
+                  param: str = "log") -> Strategy:
+  """A strategy by name: 'evolq' or any evosax algorithm in EVOSAX."""
+  if name == "evolq":
+    return evolq(population, tournament, children, radius)
+  if name not in EVOSAX:
+    raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
+  return evosax_strategy(name, population, num_dims, sigma, param)

@@ -1,0 +1,179 @@
+"""The search engine against independent references."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import QuantConfig
+from evolq_jax.losses import batched_loss, info_nce
+from evolq_jax.models import get_preset, init_params, quantize_params, quantized_logits
+from evolq_jax.search import (SearchConfig, block_scales, population_fitness, prefix_activations,
+                              reference_logits, search, set_block_scales)
+from evolq_jax.search import engine
+from evolq_jax.search.fitness import candidate_loss
+from evolq_jax.search.strategies import evolq, make_strategy
+
+CFG = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2)
+QCFG = QuantConfig(w_bits=3, a_bits=8)
+N, LB = 40, 20
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = init_params(CFG, jax.random.key(0))
+  x = np.asarray(jax.random.normal(jax.random.key(1), (N, 28, 28, 1)))
+  qparams = calibrate(CFG, QCFG, params, x, batch_size=20, progress=False)
+  return params, jnp.asarray(x), qparams, reference_logits(CFG, params, jnp.asarray(x))
+
+
+def _population(qparams, block, space, k=5, seed=0):
+  vec0, layout = block_scales(qparams, block, space)
+  noise = jax.random.uniform(jax.random.key(seed), (k, vec0.shape[0]), minval=0.8, maxval=1.2)
+  return vec0 * noise, layout
+
+
+def _full_forward_loss(params, qparams, x, fp_ref, block, vec, layout, scfg):
+  qp = set_block_scales(qparams, block, vec, layout)
+  q = quantized_logits(CFG, QCFG, params, qp, x)
+  return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
+
+
+@pytest.mark.parametrize("block", [0, 1])
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_population_fitness_equals_a_loop_and_the_full_forward(setup, block, chunk):
+  # In float64, so that float reassociation between the vmapped, looped and
+  # full-forward programs cannot move values across rounding boundaries of the
+  # quantization grid (in float32 a few do, and 3-bit steps amplify them).
+  with jax.enable_x64(True):
+    _check_paths_agree(_float64(setup), block, SearchConfig(loss_batch=LB, chunk=chunk))
+
+
+def _float64(tree):
+  return jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tree)
+
+
+def _check_paths_agree(setup, block, scfg):
+  params, x, qparams, fp_ref = setup
+  chunk = scfg.chunk
+  pop, layout = _population(qparams, block, scfg.space)
+  tokens = prefix_activations(CFG, QCFG, params, qparams, x, block)
+  fq = quantize_params(QCFG, params, qparams)
+  got = np.asarray(population_fitness(CFG, QCFG, block, layout, scfg.loss, scfg.temperature, LB,
+                                      chunk, pop, params, fq, qparams, tokens, fp_ref))
+  one = jax.jit(lambda v: candidate_loss(CFG, QCFG, block, layout, scfg.loss, 3.0, LB, v, params,
+                                         fq, qparams, tokens, fp_ref))
+  loop = [float(one(v)) for v in pop]  # one candidate at a time, same cached prefix
+  np.testing.assert_allclose(got, loop, rtol=1e-5, atol=1e-5)
+  full = [_full_forward_loss(params, qparams, x, fp_ref, block, v, layout, scfg) for v in pop]
+  np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-5)
+  assert np.ptp(full) > 1e-3  # the candidates really differ
+
+
+def test_search_space_with_mlp_and_acts(setup):
+  params, x, qparams, fp_ref = setup
+  scfg = SearchConfig(loss_batch=LB, layers=("qkv", "proj", "fc1", "fc2"), acts=True)
+  vec0, layout = block_scales(qparams, 1, scfg.space)
+  assert vec0.shape[0] == 288 + 96 + 384 + 96 + 9  # 9 per-tensor activation points
+  back = set_block_scales(qparams, 1, vec0 * 2, layout)
+  np.testing.assert_allclose(back.weights["blocks_1"]["mlp"]["fc1"]["scale"],
+                             2 * qparams.weights["blocks_1"]["mlp"]["fc1"]["scale"])
+  np.testing.assert_allclose(back.acts["blocks_1"]["attn"]["logits"]["scale"],
+                             2 * qparams.acts["blocks_1"]["attn"]["logits"]["scale"])
+  np.testing.assert_array_equal(back.acts["blocks_1"]["resid1"]["scale"],
+                                qparams.acts["blocks_1"]["resid1"]["scale"])
+  np.testing.assert_array_equal(back.weights["blocks_0"]["attn"]["qkv"]["scale"],
+                                qparams.weights["blocks_0"]["attn"]["qkv"]["scale"])
+  with jax.enable_x64(True):
+    _check_paths_agree(_float64(setup), 1, scfg)
+
+
+def test_info_nce_definition():
+  r = np.random.default_rng(0)
+  q, k = r.standard_normal((8, 5)), r.standard_normal((8, 5))
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  kn = k / np.linalg.norm(k, axis=1, keepdims=True)
+  s = qn @ kn.T / 3.0
+  ce = -np.mean(np.diag(s) - np.log(np.exp(s).sum(1)))
+  assert float(info_nce(jnp.asarray(q), jnp.asarray(k), 3.0)) == pytest.approx(6.0 * ce, rel=1e-5)
+  assert float(info_nce(jnp.asarray(k), jnp.asarray(k))) < float(info_nce(jnp.asarray(q),
+                                                                           jnp.asarray(k)))
+
+
+def test_evolq_strategy_is_the_tournament():
+  s = evolq(pool_size=4, tournament=3, children=2, radius=0.1)
+  state = s.init(jax.random.key(0), jnp.ones(6), 5.0)
+  assert state.pool.shape == (4, 6) and np.all(np.asarray(state.fitness) == 5.0)
+  pop, _ = s.ask(jax.random.key(1), state)
+  assert pop.shape == (2, 6) and np.all(np.abs(np.asarray(pop) - 1) <= 0.1 + 1e-6)
+  state = s.tell(jax.random.key(2), pop, jnp.asarray([1.0, 9.0]), state)
+  assert sorted(np.asarray(state.fitness).tolist()) == [1.0, 5.0, 5.0, 5.0]  # worst dropped
+  near_zero = s.init(jax.random.key(0), jnp.full(6, 0.01), 1.0)
+  assert np.all(np.asarray(s.ask(jax.random.key(3), near_zero)[0]) >= 0)  # |parent + U|
+
+
+def _run(setup, **kw):
+  params, x, qparams, _ = setup
+  scfg = SearchConfig(passes=2, generations=2, children=3, loss_batch=LB,
+                      **{k: v for k, v in kw.items() if k not in ("workdir", "resume", "seed")})
+  return search(CFG, QCFG, params, qparams, x, scfg, seed=kw.get("seed", 0),
+                workdir=kw.get("workdir"), resume=kw.get("resume", False), progress=False)
+
+
+def test_search_never_worse_and_deterministic(setup):
+  a, b = _run(setup), _run(setup)
+  assert a.fitness_final <= a.fitness_init + 1e-5
+  assert a.fitness_final < a.fitness_init  # it finds something at 3 bits
+  assert a.candidates == 2 * 2 * (1 + 2 * 3)
+  for u, v in zip(jax.tree.leaves(a.qparams), jax.tree.leaves(b.qparams)):
+    np.testing.assert_array_equal(u, v)
+  c = _run(setup, seed=1)
+  assert any(not np.array_equal(u, v) for u, v in
+             zip(jax.tree.leaves(a.qparams), jax.tree.leaves(c.qparams)))
+
+
+@pytest.mark.parametrize("strategy", ["Sep_CMA_ES", "adam"])
+def test_other_strategies_run_and_keep_elitism(setup, strategy):
+  r = _run(setup, strategy=strategy, population=4)
+  assert r.fitness_final <= r.fitness_init + 1e-5
+  bests = [h["best"] for h in r.history]
+  assert all(h["best"] <= h["start"] + 1e-6 for h in r.history) and len(bests) == 8
+
+
+def test_kill_and_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+  full = _run(setup)
+  real = engine.search_block
+  calls = {"n": 0}
+
+  def dying(*args, **kw):
+    calls["n"] += 1
+    if calls["n"] == 3:
+      raise KeyboardInterrupt  # killed during the 3rd block
+    return real(*args, **kw)
+
+  monkeypatch.setattr(engine, "search_block", dying)
+  with pytest.raises(KeyboardInterrupt):
+    _run(setup, workdir=str(tmp_path))
+  monkeypatch.setattr(engine, "search_block", real)
+  resumed = _run(setup, workdir=str(tmp_path), resume=True)
+  assert resumed.candidates == full.candidates
+  assert len(resumed.history) == len(full.history)
+  for u, v in zip(jax.tree.leaves(full.qparams), jax.tree.leaves(resumed.qparams)):
+    np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(population=1), "population=1 must be >= 2"),
+    (dict(radius=-1e-3), "radius=-0.001 must be >= 0"),
+    (dict(strategy="hill"), "strategy='hill' is unknown"),
+    (dict(loss="hinge"), "loss='hinge' is unknown"),
+    (dict(temperature=0.0), "temperature=0.0 must be > 0"),
+    (dict(layers=("qkv", "attn")), "search.layers"),
+])
+def test_bad_search_config(kw, message):
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    SearchConfig(**kw)
+  with pytest.raises(ValueError):
+    make_strategy("nope", 4)
