@@ -1,8 +1,9 @@
-"""The `evolq` command: train | eval | demo."""
+"""The `evolq` command: train | eval | search | demo."""
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from evolq_jax.config import apply_overrides, base_config, load_config
@@ -39,24 +40,67 @@ def cmd_eval(args):
   print(f"summary: {os.path.join(args.workdir, 'summary.json')}")
 
 
+def _print_search(s, workdir):
+  from evolq_jax.pipeline import format_table
+  rows = [{"model": "FP32", "top1": s["fp_top1"], "top5": s["fp_top5"], "agree": 100.0,
+           "calib loss": ""},
+          {"model": f"W{s['w_bits']}A{s['a_bits']} FQ-ViT init", "top1": s["init_top1"],
+           "top5": s["init_top5"], "agree": s["init_agreement"], "calib loss": s["fitness_init"]},
+          {"model": f"W{s['w_bits']}A{s['a_bits']} Evol-Q ({s['strategy']}, {s['loss']})",
+           "top1": s["final_top1"], "top5": s["final_top5"], "agree": s["final_agreement"],
+           "calib loss": s["fitness_final"]}]
+  print(format_table(rows, ["model", "top1", "top5", "agree", "calib loss"]))
+  print(f"{s['candidates_evaluated']} candidates in {s['search_seconds']:.0f} s of search "
+        f"({s['seconds']:.0f} s in all); top-1 change {s['final_top1'] - s['init_top1']:+.2f}")
+  for name in ("summary.json", "history.jsonl", "fitness.png"):
+    print(f"  {os.path.join(workdir, name)}")
+
+
+def _fresh_workdir(workdir, resume, overwrite):
+  ckpts = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(ckpts) and not resume:
+    if not overwrite:
+      raise ValueError(f"{workdir!r} holds a run's checkpoints: pass --resume to continue it, "
+                       "or choose another --workdir.")
+    shutil.rmtree(ckpts)
+
+
+def cmd_search(args):
+  from evolq_jax.pipeline import run_search
+  c = _config(args)
+  _fresh_workdir(args.workdir, args.resume, overwrite=False)
+  _print_search(run_search(c, args.workdir, resume=args.resume), args.workdir)
+
+
+# The demo's budget: small enough for 2 CPU cores in a few minutes, large
+# enough that the gain at W3A8 shows (the paper's budget: passes=10,
+# generations=3, children=1).
+DEMO_SEARCH = dict(passes=2, generations=4, children=8)
+
+
 def cmd_demo(args):
-  from evolq_jax.pipeline import run_eval
+  from evolq_jax.pipeline import run_search
   c = base_config()
   c.quant.w_bits, c.quant.a_bits = 3, 8
+  c.search.update(DEMO_SEARCH)
   apply_overrides(c, args.set)
-  print("evolq demo: the bundled Fashion-MNIST ViT fixture, FQ-ViT calibration at "
-        f"W{c.quant.w_bits}A{c.quant.a_bits}, evaluated on 10,000 test images")
-  s = run_eval(c, args.workdir)
-  _print_eval(s)
-  print(f"summary: {os.path.join(args.workdir, 'summary.json')}")
+  print("evolq demo: the bundled Fashion-MNIST ViT fixture at "
+        f"W{c.quant.w_bits}A{c.quant.a_bits}: FQ-ViT calibration on {c.calib.num_images} "
+        f"images, Evol-Q search ({c.search.passes} passes x {c.search.generations} generations "
+        f"x {c.search.children} children per block), evaluation on the 10,000 test images")
+  _fresh_workdir(args.workdir, args.resume, overwrite=True)
+  _print_search(run_search(c, args.workdir, resume=args.resume), args.workdir)
 
 
 def build_parser():
   p = argparse.ArgumentParser(prog="evolq", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
 
-  def add(name, fn, help_, config=True, workdir=None):
+  def add(name, fn, help_, config=True, workdir=None, resume=False):
     s = sub.add_parser(name, help=help_)
+    if resume:
+      s.add_argument("--resume", action="store_true",
+                     help="continue the run whose checkpoints are in --workdir")
     if config:
       s.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -67,8 +111,10 @@ def build_parser():
 
   add("train", cmd_train, "train a model from scratch (the fixture recipe)")
   add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json")
-  add("demo", cmd_demo, "the whole pipeline on the bundled fixture", config=False,
-      workdir=DEMO_WORKDIR)
+  add("search", cmd_search, "calibrate + Evol-Q search + evaluate; writes summary.json, "
+      "history.jsonl, fitness.png", resume=True)
+  add("demo", cmd_demo, "the whole pipeline on the bundled fixture (W3A8)", config=False,
+      workdir=DEMO_WORKDIR, resume=True)
   return p
 
 

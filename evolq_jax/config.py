@@ -70,12 +70,23 @@ def base_config():
       ptf=q.ptf, log2_softmax=q.log2_softmax, prob_bits=q.prob_bits,
       bias_correction=q.bias_correction))
   c.eval = ml_collections.ConfigDict(dict(batch_size=500, limit=0))
+  from evolq_jax.search.engine import SearchConfig
+  s = SearchConfig()
+  c.search = ml_collections.ConfigDict(
+      {f.name: getattr(s, f.name) for f in dataclasses.fields(SearchConfig)})
   c.seed = 0
   return c
 
 
 def quant_config(c) -> QuantConfig:
   return QuantConfig(**c.quant.to_dict())
+
+
+def search_config(c):
+  from evolq_jax.search.engine import SearchConfig
+  d = c.search.to_dict()
+  d["layers"] = tuple(d["layers"])
+  return SearchConfig(**d)
 
 
 def load_config(spec: str):

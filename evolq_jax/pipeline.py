@@ -13,7 +13,7 @@ import time
 import jax
 
 from evolq_jax.calibrate import calibrate
-from evolq_jax.config import QuantConfig, quant_config
+from evolq_jax.config import QuantConfig, quant_config, search_config
 from evolq_jax.data import load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
 from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
@@ -88,8 +88,58 @@ def run_eval(c, workdir: str | None = None, progress: bool = True) -> dict:
   }
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # never a half-written summary
+
+
+def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> dict:
+  """Calibrate, evaluate, search, evaluate again; writes summary.json,
+  history.jsonl and fitness.png into workdir."""
+  from evolq_jax.plots import plot_fitness
+  from evolq_jax.search import search
+  start = time.time()
+  qcfg, scfg = quant_config(c), search_config(c)
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  test_x, test_y = data["test"]
+  desc = (lambda s: s) if progress else (lambda s: None)
+  fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
+  qparams0 = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
+  init = classification_metrics(
+      predict(cfg, params, test_x, qcfg, qparams0, c.eval.batch_size, desc("eval init")),
+      test_y, fp)
+  os.makedirs(workdir, exist_ok=True)
+  result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
+                  workdir=workdir, resume=resume, progress=progress)
+  final = classification_metrics(
+      predict(cfg, params, test_x, qcfg, result.qparams, c.eval.batch_size, desc("eval final")),
+      test_y, fp)
+  with open(os.path.join(workdir, "history.jsonl"), "w") as f:
+    f.writelines(json.dumps(h) + "\n" for h in result.history)
+  plot_fitness(result.history, os.path.join(workdir, "fitness.png"),
+               f"{cfg.name} {qcfg.name}: {scfg.strategy} / {scfg.loss}", result.fitness_init)
+  fp_m = classification_metrics(fp, test_y)
+  summary = {
+      "model": cfg.name, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
+      "quant": dataclasses.asdict(qcfg), "search": dataclasses.asdict(scfg),
+      "strategy": scfg.strategy, "loss": scfg.loss, "seed": c.seed,
+      "calib_images": int(len(data["calib"])), "test_images": int(len(test_x)),
+      "fp_top1": fp_m["top1"], "fp_top5": fp_m["top5"],
+      "init_top1": init["top1"], "init_top5": init["top5"], "init_agreement": init["agreement"],
+      "final_top1": final["top1"], "final_top5": final["top5"],
+      "final_agreement": final["agreement"],
+      "fitness_init": result.fitness_init, "fitness_final": result.fitness_final,
+      "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
+      "seconds": round(time.time() - start, 2),
+  }
+  _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

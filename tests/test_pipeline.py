@@ -88,3 +88,23 @@ def test_metrics():
   assert topk_accuracy(logits, labels, 2) == pytest.approx(200 / 3)
   m = classification_metrics(logits, labels, fp_logits=logits[[0, 2, 1]])
   assert m["agreement"] == pytest.approx(100 / 3)
+
+
+def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
+  args = ["search", "--config", "configs/fixture_w3a8.py", "--workdir", str(tmp_path)]
+  small = sum([["--set", s] for s in SMALL + ["search.passes=1", "search.generations=1",
+                                              "search.children=2", "search.loss_batch=20"]], [])
+  assert main(args + small) == 0
+  s = json.loads((tmp_path / "summary.json").read_text())
+  for key in ("fp_top1", "init_top1", "final_top1", "fitness_init", "fitness_final",
+              "candidates_evaluated", "seconds", "strategy", "loss", "seed"):
+    assert key in s
+  assert s["candidates_evaluated"] == 6 * (1 + 2) and s["fitness_final"] <= s["fitness_init"] + 1e-5
+  lines = (tmp_path / "history.jsonl").read_text().splitlines()
+  assert len(lines) == 6 and json.loads(lines[0])["block"] == 5  # last block first
+  assert (tmp_path / "fitness.png").stat().st_size > 1000
+  assert "Evol-Q (evolq, infonce)" in capsys.readouterr().out
+  assert main(args + small) == 2  # a second run into the same workdir needs --resume
+  assert "--resume" in capsys.readouterr().err
+  assert main(args + small + ["--resume"]) == 0
+  assert json.loads((tmp_path / "summary.json").read_text())["fitness_final"] == s["fitness_final"]

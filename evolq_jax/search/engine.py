@@ -136,7 +136,7 @@ def _evolve(scfg, radius, score, vec0, f0, key, on_generation):
     if fit_np[i] < best_f:  # elitism: only a strictly better candidate replaces
       best_vec, best_f = pop[i], float(fit_np[i])
     rec = {"generation": g, "best": best_f, "gen_min": float(fit_np.min()),
-           "gen_mean": float(fit_np.mean()), "start": f0}
+           "gen_mean": float(fit_np.mean()), "start": f0, "evaluated": n + 1}
     records.append(rec)
     if on_generation:
       on_generation(rec)
@@ -177,10 +177,10 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
     key = jax.random.fold_in(jax.random.key(seed), step)
     qparams, records, n = search_block(cfg, qcfg, scfg, params, qparams, images, fp_ref, b, key,
                                        on_generation)
-    state["candidates"] += n
-    for rec in records:
+    for rec in records:  # "evaluated" counts this block's candidates, its start included
       state["history"].append({"pass": p, "block": b, **rec,
-                               "candidates": state["candidates"]})
+                               "candidates": state["candidates"] + rec.pop("evaluated")})
+    state["candidates"] += n
     state["position"] = step + 1
     if workdir:
       ckpt.save(workdir, qparams, {**state, "elapsed": state["elapsed"] + time.time() - start_time})

@@ -48,7 +48,7 @@ def gradient_block_search(cfg, qcfg, scfg, params, fq, qparams, tokens, fp_ref, 
       updates, opt_state = tx.update(grad, opt_state, z)
       z = optax.apply_updates(z, updates)
     rec = {"generation": g, "best": best_f, "gen_min": min(values),
-           "gen_mean": sum(values) / len(values), "start": f0}
+           "gen_mean": sum(values) / len(values), "start": f0, "evaluated": n + 1}
     records.append(rec)
     if on_generation:
       on_generation(rec)
