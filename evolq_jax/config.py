@@ -84,9 +84,7 @@ def quant_config(c) -> QuantConfig:
 
 def search_config(c):
   from evolq_jax.search.engine import SearchConfig
-  d = c.search.to_dict()
-  d["layers"] = tuple(d["layers"])
-  return SearchConfig(**d)
+  return SearchConfig(**c.search.to_dict())
 
 
 def load_config(spec: str):
@@ -127,7 +125,11 @@ def apply_overrides(c, overrides):
     if parts[-1] not in node:
       raise ValueError(f"--set {item!r}: no config field {key!r}; known here: "
                        f"{sorted(node.keys())}.")
-    node[parts[-1]] = _parse_value(value)
+    try:
+      node[parts[-1]] = _parse_value(value)
+    except TypeError as e:
+      raise ValueError(f"--set {item!r}: {e}. Expected a value of the field's type, "
+                       f"like its default {node[parts[-1]]!r}.") from None
   return c
 
 

@@ -66,30 +66,27 @@ def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=500, desc=N
   return batched_logits(call, images, batch_size, desc)
 
 
-def run_eval(c, workdir: str | None = None, progress: bool = True) -> dict:
-  """Calibrate (FQ-ViT init) and evaluate FP and quantized models."""
-  start = time.time()
+def _calibrated(c, progress: bool):
+  """The steps every run shares: model, data, FP logits, FQ-ViT init and its metrics."""
   qcfg = quant_config(c)
   cfg, params = load_model(c)
   data = load_data(c, cfg)
   test_x, test_y = data["test"]
-  desc = (lambda s: s) if progress else (lambda s: None)
+  desc = (lambda s: s) if progress else (lambda s: None)  # noqa: E731
   fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
   qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
-  q = predict(cfg, params, test_x, qcfg, qparams, c.eval.batch_size, desc(f"eval {qcfg.name}"))
-  fp_m, q_m = classification_metrics(fp, test_y), classification_metrics(q, test_y, fp)
+  init = classification_metrics(
+      predict(cfg, params, test_x, qcfg, qparams, c.eval.batch_size, desc(f"eval {qcfg.name}")),
+      test_y, fp)
+  fp_m = classification_metrics(fp, test_y)
   summary = {
       "model": cfg.name, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
       "quant": dataclasses.asdict(qcfg), "checkpoint": c.checkpoint,
       "calib_images": int(len(data["calib"])), "test_images": int(len(test_x)),
       "fp_top1": fp_m["top1"], "fp_top5": fp_m["top5"],
-      "init_top1": q_m["top1"], "init_top5": q_m["top5"], "init_agreement": q_m["agreement"],
-      "seconds": round(time.time() - start, 2),
+      "init_top1": init["top1"], "init_top5": init["top5"], "init_agreement": init["agreement"],
   }
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-  return summary
+  return cfg, qcfg, params, data, fp, qparams, summary, desc
 
 
 def _write_json(path, obj):
@@ -99,22 +96,26 @@ def _write_json(path, obj):
   os.replace(tmp, path)  # never a half-written summary
 
 
+def run_eval(c, workdir: str | None = None, progress: bool = True) -> dict:
+  """Calibrate (FQ-ViT init) and evaluate FP and quantized models."""
+  start = time.time()
+  summary = _calibrated(c, progress)[6]
+  summary["seconds"] = round(time.time() - start, 2)
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
 def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> dict:
   """Calibrate, evaluate, search, evaluate again; writes summary.json,
   history.jsonl and fitness.png into workdir."""
   from evolq_jax.plots import plot_fitness
   from evolq_jax.search import search
   start = time.time()
-  qcfg, scfg = quant_config(c), search_config(c)
-  cfg, params = load_model(c)
-  data = load_data(c, cfg)
+  scfg = search_config(c)
+  cfg, qcfg, params, data, fp, qparams0, summary, desc = _calibrated(c, progress)
   test_x, test_y = data["test"]
-  desc = (lambda s: s) if progress else (lambda s: None)
-  fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
-  qparams0 = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
-  init = classification_metrics(
-      predict(cfg, params, test_x, qcfg, qparams0, c.eval.batch_size, desc("eval init")),
-      test_y, fp)
   os.makedirs(workdir, exist_ok=True)
   result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
                   workdir=workdir, resume=resume, progress=progress)
@@ -125,20 +126,13 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> 
     f.writelines(json.dumps(h) + "\n" for h in result.history)
   plot_fitness(result.history, os.path.join(workdir, "fitness.png"),
                f"{cfg.name} {qcfg.name}: {scfg.strategy} / {scfg.loss}", result.fitness_init)
-  fp_m = classification_metrics(fp, test_y)
-  summary = {
-      "model": cfg.name, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
-      "quant": dataclasses.asdict(qcfg), "search": dataclasses.asdict(scfg),
-      "strategy": scfg.strategy, "loss": scfg.loss, "seed": c.seed,
-      "calib_images": int(len(data["calib"])), "test_images": int(len(test_x)),
-      "fp_top1": fp_m["top1"], "fp_top5": fp_m["top5"],
-      "init_top1": init["top1"], "init_top5": init["top5"], "init_agreement": init["agreement"],
-      "final_top1": final["top1"], "final_top5": final["top5"],
+  summary.update({
+      "search": dataclasses.asdict(scfg), "strategy": scfg.strategy, "loss": scfg.loss,
+      "seed": c.seed, "final_top1": final["top1"], "final_top5": final["top5"],
       "final_agreement": final["agreement"],
       "fitness_init": result.fitness_init, "fitness_final": result.fitness_final,
       "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
-      "seconds": round(time.time() - start, 2),
-  }
+      "seconds": round(time.time() - start, 2)})
   _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 

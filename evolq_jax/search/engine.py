@@ -49,6 +49,7 @@ class SearchConfig:
   chunk: int = 0             # candidates vmapped at once; 0 = the whole population
 
   def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(self.layers))  # hashable: a jit static arg
     if self.strategy not in STRATEGIES + GRADIENT_METHODS:
       raise ValueError(f"search.strategy={self.strategy!r} is unknown: expected one of "
                        f"{STRATEGIES + GRADIENT_METHODS}.")
@@ -63,11 +64,11 @@ class SearchConfig:
     for name in ("passes", "generations", "children", "loss_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"search.{name}={getattr(self, name)!r} must be >= 1.")
-    SearchSpace(tuple(self.layers), self.acts)
+    SearchSpace(self.layers, self.acts)
 
   @property
   def space(self) -> SearchSpace:
-    return SearchSpace(tuple(self.layers), self.acts)
+    return SearchSpace(self.layers, self.acts)
 
   def candidates_per_generation(self) -> int:
     return self.children if self.strategy in ("evolq",) + GRADIENT_METHODS else self.population
