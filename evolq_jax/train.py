@@ -73,8 +73,12 @@ def train(config, workdir: str) -> dict:
   if t.get("init_checkpoint"):  # continue from earlier params (a second stage)
     params = load_params(t.init_checkpoint, cfg)
   steps_per_epoch = len(x_train) // t.batch_size
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.lr, t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch)
+  if steps_per_epoch == 0:
+    raise ValueError(f"{len(x_train)} training images are fewer than one batch of "
+                     f"train.batch_size={t.batch_size}.")
+  warmup = t.warmup_epochs * steps_per_epoch
+  schedule = optax.warmup_cosine_decay_schedule(  # decay needs >= 1 step after warm-up
+      0.0, t.lr, warmup, max(t.epochs * steps_per_epoch, warmup + 1))
   tx = optax.chain(optax.clip_by_global_norm(t.clip),
                    optax.adamw(schedule, weight_decay=t.weight_decay))
   opt_state = tx.init(params)

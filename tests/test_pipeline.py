@@ -119,3 +119,17 @@ def test_bundled_fixture_w8a8_stays_close_to_fp(tmp_path):
   assert s["fp_top1"] > 85.0  # the checkpoint is the trained one
   assert abs(s["init_top1"] - s["fp_top1"]) <= 1.0
   assert s["init_agreement"] >= 97.0
+
+
+def test_train_command_smoke(tmp_path, capsys):
+  """`evolq train` (the fixture's recipe) runs end to end on a tiny budget."""
+  rc = main(["train", "--config", "configs/train_fixture.py", "--workdir", str(tmp_path),
+             "--set", "data.source='bundled'", "--set", "data.limit=256",
+             "--set", "train.epochs=1"])
+  assert rc == 0
+  s = json.loads((tmp_path / "train_summary.json").read_text())
+  assert s["epochs"] == 1 and np.isfinite(s["history"][0]["train_loss"])
+  cfg = get_preset("vit_fixture_patch4_28")
+  from evolq_jax.models import load_params
+  assert load_params(str(tmp_path / "params.safetensors"), cfg)["head"]["kernel"].shape == (96, 10)
+  assert "final test top-1" in capsys.readouterr().out
