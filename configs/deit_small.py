@@ -5,9 +5,8 @@ Needs a checkpoint (timm .safetensors) and ImageNet prepared for tfds, e.g.
 or an image folder: --set data.source=image_folder --set data.dir=/path/imagenet
 (with train/ and the test split folder named by data.test_split, default validation).
 """
-from evolq_jax.config import bits_config
+from evolq_jax.config import imagenet_config
 
 
 def get_config(arg="W8A8"):
-  return bits_config(arg, "deit_small_patch16_224", checkpoint="", **{
-      "data.source": "tfds", "data.name": "imagenet2012", "data.test_split": "validation"})
+  return imagenet_config(arg, "deit_small_patch16_224")

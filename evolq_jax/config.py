@@ -143,3 +143,9 @@ def bits_config(setting: str, model: str, **overrides):
   c.model = model
   c.quant.w_bits, c.quant.a_bits = int(m.group(1)), int(m.group(2))
   return apply_overrides(c, [f"{k}={v!r}" for k, v in overrides.items()])
+
+
+def imagenet_config(setting: str, model: str):
+  """A timm preset on ImageNet (tfds `imagenet2012`); the checkpoint must be set."""
+  return bits_config(setting or "W8A8", model, checkpoint="", **{
+      "data.source": "tfds", "data.name": "imagenet2012", "data.test_split": "validation"})

@@ -18,9 +18,6 @@ class QParams:
   weights: dict
   acts: dict
 
-  def num_values(self) -> int:
-    return sum(x.size for x in jax.tree.leaves(self))
-
 
 def non_finite_paths(tree) -> list[str]:
   """'/'-joined paths of leaves holding NaN or inf."""

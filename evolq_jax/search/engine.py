@@ -23,7 +23,8 @@ from evolq_jax.losses import LOSSES, batched_loss
 from evolq_jax.models.forward import quantize_params, quantized_logits
 from evolq_jax.models.presets import ViTConfig
 from evolq_jax.search import checkpoint as ckpt
-from evolq_jax.search.fitness import population_fitness, prefix_activations, reference_logits
+from evolq_jax.search.fitness import (in_batches, population_fitness, prefix_activations,
+                                      reference_logits)
 from evolq_jax.search.gradient import GRADIENT_METHODS, gradient_block_search
 from evolq_jax.search.space import SearchSpace, block_scales, set_block_scales
 from evolq_jax.search.strategies import STRATEGIES, make_strategy, paper_radius
@@ -70,9 +71,6 @@ class SearchConfig:
   def space(self) -> SearchSpace:
     return SearchSpace(self.layers, self.acts)
 
-  def candidates_per_generation(self) -> int:
-    return self.children if self.strategy in ("evolq",) + GRADIENT_METHODS else self.population
-
 
 @dataclasses.dataclass
 class SearchResult:
@@ -87,10 +85,11 @@ class SearchResult:
 def calibration_fitness(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, fp_ref,
                         scfg: SearchConfig, batch_size: int = 100) -> float:
   """The search's loss for the whole quantized model (full forward)."""
-  fn = jax.jit(lambda p, q, x: quantized_logits(cfg, qcfg, p, q, x))
-  q = jnp.concatenate([fn(params, qparams, images[i:i + batch_size])
-                       for i in range(0, len(images), batch_size)])
+  q = in_batches(lambda x: _quantized(cfg, qcfg, params, qparams, x), images, batch_size)
   return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
+
+
+_quantized = jax.jit(quantized_logits, static_argnums=(0, 1))  # compiled once per config
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,7 +170,7 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
     p, b = schedule[step]
     bar.set_description(f"pass {p + 1}/{scfg.passes} block {b}")
 
-    def on_generation(rec, p=p, b=b):
+    def on_generation(rec):
       bar.update(1)
       bar.set_postfix(best=f"{rec['best']:.4f}")
 

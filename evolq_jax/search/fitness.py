@@ -28,7 +28,7 @@ def _prefix(cfg, qcfg, block, fq_params, acts, images):
                                              last_block=block)
 
 
-def _in_batches(fn, images, batch_size):
+def in_batches(fn, images, batch_size):
   return jnp.concatenate([fn(images[i:i + batch_size])
                           for i in range(0, len(images), batch_size)])
 
@@ -39,7 +39,7 @@ def prefix_activations(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, image
   if block == 0:
     return jnp.asarray(images)
   fq = quantize_params(qcfg, params, qparams)
-  return _in_batches(lambda x: _prefix(cfg, qcfg, block, fq, qparams.acts, x), images, batch_size)
+  return in_batches(lambda x: _prefix(cfg, qcfg, block, fq, qparams.acts, x), images, batch_size)
 
 
 _fp = jax.jit(fp_logits, static_argnums=0)
@@ -47,7 +47,7 @@ _fp = jax.jit(fp_logits, static_argnums=0)
 
 def reference_logits(cfg: ViTConfig, params, images, batch_size: int = 100):
   """Full-precision logits on the calibration set: computed once per run."""
-  return _in_batches(lambda x: _fp(cfg, params, x), images, batch_size)
+  return in_batches(lambda x: _fp(cfg, params, x), images, batch_size)
 
 
 def requantize_block(qcfg: QuantConfig, params, fq_params, qparams, block: int, layout,
