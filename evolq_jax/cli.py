@@ -50,6 +50,11 @@ def _print_search(s, workdir):
            "top1": s["final_top1"], "top5": s["final_top5"], "agree": s["final_agreement"],
            "calib loss": s["fitness_final"]}]
   print(format_table(rows, ["model", "top1", "top5", "agree", "calib loss"]))
+  if "selected_pass" in s:
+    picks = ", ".join(f"{h['pass']}: {h['holdout_top1']:.2f}" for h in s["holdout"])
+    print(f"held-out top-1 per pass ({s['holdout_images']} train images; 0 = init) {picks}; "
+          f"kept pass {s['selected_pass']} (the last pass scores {s['last_pass_top1']:.2f} "
+          "on test)")
   print(f"{s['candidates_evaluated']} candidates in {s['search_seconds']:.0f} s of search "
         f"({s['seconds']:.0f} s in all); top-1 change {s['final_top1'] - s['init_top1']:+.2f}")
   for name in ("summary.json", "history.jsonl", "fitness.png"):
@@ -83,6 +88,7 @@ def cmd_demo(args):
   c = base_config()
   c.quant.w_bits, c.quant.a_bits = 3, 8
   c.search.update(DEMO_SEARCH)
+  c.holdout.num_images = 2000
   apply_overrides(c, args.set)
   print("evolq demo: the bundled Fashion-MNIST ViT fixture at "
         f"W{c.quant.w_bits}A{c.quant.a_bits}: FQ-ViT calibration on {c.calib.num_images} "

@@ -64,6 +64,9 @@ def base_config():
       source="bundled", dir="", name="imagenet2012", data_dir="", train_split="train",
       test_split="validation", limit=0))
   c.calib = ml_collections.ConfigDict(dict(num_images=1000, batch_size=100, seed=0))
+  # Held-out training images (not calibration) whose top-1 picks among the
+  # search's passes, the FQ-ViT init counting as pass 0; 0 = keep the last pass.
+  c.holdout = ml_collections.ConfigDict(dict(num_images=0))
   q = QuantConfig()
   c.quant = ml_collections.ConfigDict(dict(
       w_bits=q.w_bits, a_bits=q.a_bits, w_observer=q.w_observer, a_observer=q.a_observer,

@@ -43,13 +43,31 @@ def load_model(c):
 
 
 def load_data(c, cfg):
-  """-> dict of calibration images and the test split (images, labels)."""
-  calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
-  if len(calib_x) < c.calib.num_images:
-    raise ValueError(f"calib.num_images={c.calib.num_images} but the train split has only "
-                     f"{len(calib_x)} images.")
+  """-> dict of calibration images, the test split (images, labels) and, when
+  c.holdout.num_images > 0, a held-out split of training images (never the
+  calibration images) that may pick among search passes."""
+  n_calib, n_hold = c.calib.num_images, c.holdout.num_images
+  if n_hold < 0:
+    raise ValueError(f"holdout.num_images={n_hold} must be >= 0 (0 = no held-out selection).")
+  bundled = c.data.source == "bundled"
+  # The bundled subset ships its held-out images apart; elsewhere they are the
+  # train images right after the calibration set in the same seeded order.
+  n_train = n_calib + (0 if bundled else n_hold)
+  train_x, train_y = load_split(c.data, "train", cfg, limit=n_train, seed=c.calib.seed)
+  if len(train_x) < n_train:
+    raise ValueError(f"calib.num_images={n_calib} + holdout.num_images={n_hold} but the train "
+                     f"split has only {len(train_x)} images.")
+  out = {"calib": train_x[:n_calib]}
+  if n_hold:
+    hx, hy = ((load_split(c.data, "holdout", cfg, limit=n_hold, seed=c.calib.seed)) if bundled
+              else (train_x[n_calib:], train_y[n_calib:]))
+    if len(hx) < n_hold:
+      raise ValueError(f"holdout.num_images={n_hold} but the bundled held-out split has only "
+                       f"{len(hx)} images.")
+    out["holdout"] = (hx, hy)
   test_x, test_y = load_split(c.data, "test", cfg, limit=c.eval.limit or None)
-  return {"calib": calib_x, "test": (test_x, test_y)}
+  out["test"] = (test_x, test_y)
+  return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,10 +136,17 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> 
   test_x, test_y = data["test"]
   os.makedirs(workdir, exist_ok=True)
   result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
-                  workdir=workdir, resume=resume, progress=progress)
+                  workdir=workdir, resume=resume, progress=progress,
+                  holdout=data.get("holdout"))
   final = classification_metrics(
       predict(cfg, params, test_x, qcfg, result.qparams, c.eval.batch_size, desc("eval final")),
       test_y, fp)
+  if "holdout" in data:  # report the last pass too, so the pick's effect is visible
+    last = (final if result.selected_pass == scfg.passes else classification_metrics(
+        predict(cfg, params, test_x, qcfg, result.last_qparams, c.eval.batch_size), test_y, fp))
+    summary.update({"holdout_images": int(len(data["holdout"][0])),
+                    "selected_pass": result.selected_pass, "holdout": result.holdout,
+                    "last_pass_top1": last["top1"]})
   with open(os.path.join(workdir, "history.jsonl"), "w") as f:
     f.writelines(json.dumps(h) + "\n" for h in result.history)
   plot_fitness(result.history, os.path.join(workdir, "fitness.png"),

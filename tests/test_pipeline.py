@@ -93,7 +93,8 @@ def test_metrics():
 def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
   args = ["search", "--config", "configs/fixture_w3a8.py", "--workdir", str(tmp_path)]
   small = sum([["--set", s] for s in SMALL + ["search.passes=1", "search.generations=1",
-                                              "search.children=2", "search.loss_batch=20"]], [])
+                                              "search.children=2", "search.loss_batch=20",
+                                              "holdout.num_images=30"]], [])
   assert main(args + small) == 0
   s = json.loads((tmp_path / "summary.json").read_text())
   for key in ("fp_top1", "init_top1", "final_top1", "fitness_init", "fitness_final",
@@ -103,7 +104,10 @@ def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
   lines = (tmp_path / "history.jsonl").read_text().splitlines()
   assert len(lines) == 6 and json.loads(lines[0])["block"] == 5  # last block first
   assert (tmp_path / "fitness.png").stat().st_size > 1000
-  assert "Evol-Q (evolq, infonce)" in capsys.readouterr().out
+  assert s["holdout_images"] == 30 and [h["pass"] for h in s["holdout"]] == [0, 1]
+  assert s["selected_pass"] in (0, 1) and "last_pass_top1" in s
+  out = capsys.readouterr().out
+  assert "Evol-Q (evolq, infonce)" in out and "held-out top-1 per pass" in out
   assert main(args + small) == 2  # a second run into the same workdir needs --resume
   assert "--resume" in capsys.readouterr().err
   assert main(args + small + ["--resume"]) == 0

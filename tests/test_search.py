@@ -164,6 +164,48 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
     np.testing.assert_array_equal(u, v)
 
 
+def _predict(params, qparams, x):
+  return np.asarray(jnp.argmax(quantized_logits(CFG, QCFG, params, qparams, x), -1))
+
+
+def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
+  params, x, qparams, _ = setup
+  scfg = SearchConfig(passes=2, generations=2, children=3, population=4, loss_batch=LB)
+  run = lambda labels, **kw: search(CFG, QCFG, params, qparams, x, scfg, progress=False,  # noqa
+                                    holdout=(x, labels), **kw)
+  # Labels = the init's own predictions: init scores 100 and no pass beats it.
+  r = run(_predict(params, qparams, x))
+  assert r.selected_pass == 0 and [h["pass"] for h in r.holdout] == [0, 1, 2]
+  assert r.holdout[0]["holdout_top1"] == 100.0
+  for u, v in zip(jax.tree.leaves(r.qparams), jax.tree.leaves(qparams)):
+    np.testing.assert_array_equal(u, v)
+  assert any(not np.array_equal(u, v) for u, v in
+             zip(jax.tree.leaves(r.last_qparams), jax.tree.leaves(qparams)))
+  # Labels = the last pass's predictions: the pick is the earliest pass at 100.
+  labels = _predict(params, r.last_qparams, x)
+  r2 = run(labels)
+  tops = [h["holdout_top1"] for h in r2.holdout]
+  assert tops[-1] == 100.0 and r2.selected_pass == tops.index(100.0)
+  assert np.array_equal(_predict(params, r2.qparams, x), labels) or r2.selected_pass == 0
+  # Killed in pass 2, resumed: the same pick and the same QParams.
+  real, calls = engine.search_block, {"n": 0}
+
+  def dying(*args, **kw):
+    calls["n"] += 1
+    if calls["n"] == 3:  # pass 2, after pass 1 was scored
+      raise KeyboardInterrupt
+    return real(*args, **kw)
+
+  monkeypatch.setattr(engine, "search_block", dying)
+  with pytest.raises(KeyboardInterrupt):
+    run(labels, workdir=str(tmp_path))
+  monkeypatch.setattr(engine, "search_block", real)
+  r3 = run(labels, workdir=str(tmp_path), resume=True)
+  assert r3.selected_pass == r2.selected_pass and r3.holdout == r2.holdout
+  for u, v in zip(jax.tree.leaves(r2.qparams), jax.tree.leaves(r3.qparams)):
+    np.testing.assert_array_equal(u, v)
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(population=1), "population=1 must be >= 2"),
     (dict(radius=-1e-3), "radius=-0.001 must be >= 0"),

@@ -13,7 +13,7 @@ import struct
 import numpy as np
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-SPLIT_PREFIX = {"train": "train", "test": "t10k"}
+SPLIT_PREFIX = {"train": "train", "test": "t10k", "holdout": "holdout"}  # holdout: bundled only
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 

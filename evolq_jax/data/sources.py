@@ -3,7 +3,8 @@
 Every source yields (images float32 NHWC normalized for the model, labels
 int32). `data` is a ConfigDict / mapping with `source` and source options:
   idx:          dir (four IDX files; Fashion-MNIST's Debian path by default)
-  bundled:      no options (ships with the package: 1,000 train + 10,000 test)
+  bundled:      no options (ships with the package: 1,000 train + 2,000 holdout
+                train images + 10,000 test)
   image_folder: dir, with one sub-folder per split holding one folder per class
   tfds:         name (e.g. imagenet2012), data_dir, split names
 and optionally `limit` (keep the first N after an optional seeded shuffle).

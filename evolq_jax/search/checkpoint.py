@@ -22,16 +22,18 @@ def _manager(workdir: str):
       options=ocp.CheckpointManagerOptions(max_to_keep=KEEP, create=True))
 
 
-def save(workdir: str, qparams, state: dict) -> None:
+def save(workdir: str, qparams, state: dict, selected=None) -> None:
+  """`selected`: the QParams held-out selection keeps so far (default: qparams)."""
   with _manager(workdir) as mngr:
     mngr.save(state["position"], args=ocp.args.Composite(
         qparams=ocp.args.StandardSave(jax.device_get(qparams)),
+        selected=ocp.args.StandardSave(jax.device_get(qparams if selected is None else selected)),
         state=ocp.args.JsonSave(state)))
     mngr.wait_until_finished()
 
 
 def restore(workdir: str, like_qparams):
-  """-> (qparams, state) of the newest checkpoint, or None when there is none."""
+  """-> (qparams, selected qparams, state) of the newest checkpoint, or None."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     return None
   with _manager(workdir) as mngr:
@@ -40,5 +42,6 @@ def restore(workdir: str, like_qparams):
       return None
     abstract = jax.tree.map(lambda x: np.zeros(np.shape(x), np.asarray(x).dtype), like_qparams)
     out = mngr.restore(step, args=ocp.args.Composite(
-        qparams=ocp.args.StandardRestore(abstract), state=ocp.args.JsonRestore()))
-  return out["qparams"], dict(out["state"])
+        qparams=ocp.args.StandardRestore(abstract), selected=ocp.args.StandardRestore(abstract),
+        state=ocp.args.JsonRestore()))
+  return out["qparams"], out["selected"], dict(out["state"])

@@ -74,12 +74,18 @@ class SearchConfig:
 
 @dataclasses.dataclass
 class SearchResult:
+  """qparams: the result (the held-out pick when a held-out split was given,
+  else the last pass). selected_pass: 0 = the FQ-ViT init, p = after pass p.
+  holdout: per pass (init first) {"pass", "holdout_top1", "fitness"}."""
   qparams: object
   history: list
   fitness_init: float
   fitness_final: float
   candidates: int
   seconds: float
+  selected_pass: int = -1
+  holdout: list = dataclasses.field(default_factory=list)
+  last_qparams: object = None
 
 
 def calibration_fitness(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, fp_ref,
@@ -143,10 +149,28 @@ def _evolve(scfg, radius, score, vec0, f0, key, on_generation):
   return best_vec, records, n
 
 
+def holdout_top1(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, holdout,
+                 batch_size: int = 500) -> float:
+  """Top-1 (%) of the quantized model on held-out (images, labels)."""
+  x, y = holdout
+  logits = in_batches(lambda b: _quantized(cfg, qcfg, params, qparams, b), jnp.asarray(x),
+                      batch_size)
+  return float(100.0 * np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(y)))
+
+
 def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
            seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
-           progress: bool = True) -> SearchResult:
-  """Evol-Q: `scfg.passes` passes over the blocks (last to first)."""
+           progress: bool = True, holdout=None,
+           on_block: Optional[Callable] = None) -> SearchResult:
+  """Evol-Q: `scfg.passes` passes over the blocks (last to first).
+
+  holdout: optional (images, labels) of training images that are not the
+    calibration set; after every pass its top-1 is measured and the result is
+    the best pass, the FQ-ViT init counting as pass 0 (ties keep the earlier).
+    The search itself always continues from the last pass.
+  on_block: optional callback(qparams, record) after every block, e.g. for a
+    budget curve; record has pass, block, candidates and fitness.
+  """
   if scfg.radius == 0:
     scfg = dataclasses.replace(scfg, radius=paper_radius(qcfg.w_bits))
   start_time = time.time()
@@ -157,13 +181,18 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
   fp_ref = reference_logits(cfg, params, images)
   schedule = [(p, b) for p in range(scfg.passes) for b in reversed(range(cfg.depth))]
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
-           "fitness_init": None}
+           "fitness_init": None, "holdout": [], "selected_pass": 0}
+  selected = qparams
   if resume and workdir:
     restored = ckpt.restore(workdir, qparams)
     if restored is not None:
-      qparams, state = restored
+      qparams, selected, state = restored
   if state["fitness_init"] is None:
     state["fitness_init"] = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
+  if holdout is not None and not state["holdout"]:
+    state["holdout"] = [{"pass": 0, "holdout_top1": holdout_top1(cfg, qcfg, params, qparams,
+                                                                 holdout),
+                         "fitness": state["fitness_init"]}]
   bar = tqdm(total=len(schedule) * scfg.generations, initial=state["position"] * scfg.generations,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):
@@ -182,9 +211,26 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
                                "candidates": state["candidates"] + rec.pop("evaluated")})
     state["candidates"] += n
     state["position"] = step + 1
+    if holdout is not None and b == 0:  # a pass ends with block 0
+      top1 = holdout_top1(cfg, qcfg, params, qparams, holdout)
+      state["holdout"].append({"pass": p + 1, "holdout_top1": top1,
+                               "fitness": state["history"][-1]["best"]})
+      best = max(state["holdout"], key=lambda r: r["holdout_top1"])  # first max: earliest
+      if best["pass"] == p + 1:
+        selected, state["selected_pass"] = qparams, p + 1
+      if progress:
+        bar.write(f"pass {p + 1}: held-out top-1 {top1:.2f} (selected: pass "
+                  f"{state['selected_pass']})")
+    if on_block:
+      on_block(qparams, {"pass": p, "block": b, "candidates": state["candidates"],
+                         "fitness": state["history"][-1]["best"]})
     if workdir:
-      ckpt.save(workdir, qparams, {**state, "elapsed": state["elapsed"] + time.time() - start_time})
+      ckpt.save(workdir, qparams, {**state, "elapsed": state["elapsed"] + time.time() - start_time},
+                selected)
   bar.close()
-  final = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
-  return SearchResult(qparams, state["history"], state["fitness_init"], final,
-                      state["candidates"], time.time() - start_time)
+  result = selected if holdout is not None else qparams
+  final = calibration_fitness(cfg, qcfg, params, result, images, fp_ref, scfg)
+  return SearchResult(result, state["history"], state["fitness_init"], final,
+                      state["candidates"], time.time() - start_time,
+                      state["selected_pass"] if holdout is not None else scfg.passes,
+                      state["holdout"], qparams)
