@@ -122,6 +122,17 @@ def _run(setup, **kw):
                 workdir=kw.get("workdir"), resume=kw.get("resume", False), progress=False)
 
 
+def test_random_search_samples_around_the_start():
+  s = make_strategy("random", 5, children=64, radius=0.1)
+  x0 = jnp.array([1.0, 2.0, 0.05, 0.5, 3.0])
+  state = s.init(jax.random.key(0), x0, 1.0)
+  pop, state = s.ask(jax.random.key(1), state)
+  state = s.tell(jax.random.key(2), pop, jnp.arange(64.0), state)
+  assert pop.shape == (64, 5) and np.array_equal(state, x0)  # no selection, no drift
+  assert np.all(np.abs(pop - x0) <= 0.1 + 1e-6) and float(pop.min()) >= 0.0
+  assert float(pop[:, 2].std()) > 0.02  # it does spread
+
+
 def test_search_never_worse_and_deterministic(setup):
   a, b = _run(setup), _run(setup)
   assert a.fitness_final <= a.fitness_init + 1e-5
@@ -134,7 +145,7 @@ def test_search_never_worse_and_deterministic(setup):
              zip(jax.tree.leaves(a.qparams), jax.tree.leaves(c.qparams)))
 
 
-@pytest.mark.parametrize("strategy", ["Sep_CMA_ES", "adam"])
+@pytest.mark.parametrize("strategy", ["Sep_CMA_ES", "adam", "random"])
 def test_other_strategies_run_and_keep_elitism(setup, strategy):
   r = _run(setup, strategy=strategy, population=4)
   assert r.fitness_final <= r.fitness_init + 1e-5

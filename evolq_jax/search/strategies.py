@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 EVOSAX = ("Sep_CMA_ES", "CMA_ES", "SNES", "Open_ES", "SimpleGA", "xNES", "PGPE", "MA_ES")
-STRATEGIES = ("evolq",) + EVOSAX
+STRATEGIES = ("evolq", "random") + EVOSAX
 PARAMS = ("log", "relative")
 
 
@@ -68,6 +68,26 @@ def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
     fit = jnp.concatenate([state.fitness, fitness])
     keep = jnp.argsort(fit, stable=True)[:pool_size]  # the worst are dropped
     return EvolQState(pool[keep], fit[keep])
+
+  return Strategy(init, ask, tell, children)
+
+
+def random_search(children: int = 1, radius: float = 1e-3) -> Strategy:
+  """The no-selection baseline: every child is |start + U(-r, r)|, the same
+  mutation as `evolq`'s but always around the block's starting scales."""
+  if children < 1 or not radius > 0:
+    raise ValueError(f"random search needs children >= 1 and radius > 0; got "
+                     f"children={children}, radius={radius!r}.")
+
+  def init(key, scales0, fitness0):
+    return scales0
+
+  def ask(key, state):
+    noise = jax.random.uniform(key, (children, state.shape[0]), minval=-radius, maxval=radius)
+    return jnp.abs(state[None] + noise), state
+
+  def tell(key, population, fitness, state):
+    return state
 
   return Strategy(init, ask, tell, children)
 
@@ -139,9 +159,11 @@ def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float
 def make_strategy(name: str, num_dims: int, *, population: int = 15, tournament: int = 10,
                   children: int = 1, radius: float = 1e-3, sigma: float = 0.02,
                   param: str = "log") -> Strategy:
-  """A strategy by name: 'evolq' or any evosax algorithm in EVOSAX."""
+  """A strategy by name: 'evolq', 'random' or any evosax algorithm in EVOSAX."""
   if name == "evolq":
     return evolq(population, tournament, children, radius)
+  if name == "random":
+    return random_search(children, radius)
   if name not in EVOSAX:
     raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
   return evosax_strategy(name, population, num_dims, sigma, param)

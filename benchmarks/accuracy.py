@@ -1,0 +1,320 @@
+"""The paper's comparisons in miniature: no-search baselines, Evol-Q, its loss
+ablation, the gradient baseline, random search and evosax strategies, at
+several bit settings and seeds, all with the same budget of candidate
+evaluations. Model selection never looks at the test set: the best no-search
+baseline is the one with the lowest calibration loss, and every search picks
+among its passes on held-out training images (the init counting as pass 0).
+
+  python benchmarks/accuracy.py [--config configs/fixture_w3a8.py] [--resume]
+      [--settings W3A8 W4A8 W8A8 W4A4] [--seeds 0 1 2] [--only METHOD ...]
+  ->  benchmarks/results/accuracy.{md,json}, accuracy_*.png
+
+Runs are appended to accuracy.json as they finish; --resume skips the cells
+already there with the same budget, so a killed grid continues. --report
+rewrites the tables and plots from the JSON alone. The same script runs on an
+ImageNet config (e.g. configs/deit_small.py:W4A8 with data and checkpoint set).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from common import RESULTS, git_commit, write_results
+
+from evolq_jax.baselines import clip_ratio
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import apply_overrides, base_config, load_config, quant_config
+from evolq_jax.evaluate import classification_metrics
+from evolq_jax.pipeline import load_data, load_model, predict
+from evolq_jax.search import SearchConfig, calibration_fitness, reference_logits, search
+
+# name: (where it starts, SearchConfig overrides). "reference" is the FQ-ViT
+# init with the config's observers; "best" the no-search baseline with the
+# lowest calibration loss.
+SEARCHES = {
+    "evolq-infonce": ("reference", {}),
+    "evolq-infonce-from-best": ("best", {}),
+    "grad-adam": ("reference", {"strategy": "adam"}),
+    "random-search": ("reference", {"strategy": "random"}),
+    "evolq-mse": ("reference", {"loss": "mse"}),
+    "evolq-kl": ("reference", {"loss": "kl"}),
+    "evolq-cosine": ("reference", {"loss": "cosine"}),
+    "grad-sgd": ("reference", {"strategy": "sgd"}),
+    "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES", "population": "children"}),
+    "snes": ("reference", {"strategy": "SNES", "population": "children"}),
+    "evolq-infonce-attn+mlp": ("reference", {"layers": ("qkv", "proj", "fc1", "fc2")}),
+}
+# Priority order of the grid: a run cut short still has the main comparisons.
+# A group with no methods only computes the settings' no-search baselines.
+PLAN = [
+    (("W3A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam", "random-search")),
+    (("W4A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
+    (("W3A8",), ("evolq-mse", "evolq-kl", "evolq-cosine")),
+    (("W8A8", "W4A4"), ()),
+    (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search")),
+    (("W4A8",), ("random-search",)),
+    (("W8A8", "W4A4"), ("evolq-infonce-from-best", "grad-adam")),
+]
+CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
+          ("W4A8", "evolq-infonce")}  # seed 0: top-1 after every block
+CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test images
+INFONCE = SearchConfig()  # the common yardstick: every run's infoNCE calibration loss
+
+
+def _setting(c, setting):
+  c = c.copy_and_resolve_references()
+  c.quant.w_bits, c.quant.a_bits = int(setting[1]), int(setting[3])
+  return c
+
+
+def _metrics(ctx, qcfg, qparams, limit=None):
+  x, y = ctx["test"]
+  m = classification_metrics(predict(ctx["cfg"], ctx["params"], x[:limit], qcfg, qparams),
+                             y[:limit], ctx["fp"][:limit])
+  return {"test_top1": m["top1"], "test_top5": m["top5"], "agreement_with_fp": m["agreement"]}
+
+
+def baselines(ctx, c, setting):
+  """-> list of run dicts and {name: (qcfg, qparams)} of the no-search baselines."""
+  cfg, params, calib, fp_ref = ctx["cfg"], ctx["params"], ctx["calib"], ctx["fp_ref"]
+  ref = quant_config(c)
+  variants = {f"init-{o}": dataclasses.replace(ref, w_observer=o)
+              for o in dict.fromkeys([ref.w_observer, "minmax", "omse", "percentile"])}
+  variants[f"init-{ref.w_observer}+bias-correction"] = dataclasses.replace(
+      ref, bias_correction=True)
+  starts, runs = {}, []
+  for name, qcfg in variants.items():
+    t = time.time()
+    qp = calibrate(cfg, qcfg, params, calib, c.calib.batch_size, progress=False)
+    starts[name] = (qcfg, qp)
+    runs.append({"method": name, "seconds": time.time() - t, "extra": {}})
+  t = time.time()
+  qp, ratio, fits = clip_ratio(cfg, ref, params, starts[f"init-{ref.w_observer}"][1], calib,
+                               fp_ref, INFONCE)
+  starts["clip-ratio"] = (ref, qp)
+  runs.append({"method": "clip-ratio", "seconds": time.time() - t,
+               "extra": {"ratio": ratio, "fitness_by_ratio": fits}})
+  for r in runs:
+    qcfg, qp = starts[r["method"]]
+    r.update({"setting": setting, "seed": None, "candidates_evaluated": 0,
+              "calibration_fitness": calibration_fitness(cfg, qcfg, params, qp, calib, fp_ref,
+                                                         INFONCE),
+              "config": {"quant": dataclasses.asdict(qcfg)}, **_metrics(ctx, qcfg, qp)})
+  best = min(runs, key=lambda r: r["calibration_fitness"])["method"]
+  starts["reference"] = starts[f"init-{ref.w_observer}"]
+  starts["best"] = starts[best]
+  for r in runs:
+    r["extra"]["best_no_search_by_calibration"] = r["method"] == best
+  return runs, starts, best
+
+
+def run_search(ctx, c, setting, method, seed, starts, best, budget):
+  start, over = SEARCHES[method]
+  over = {k: (budget["children"] if v == "children" else v) for k, v in over.items()}
+  scfg = dataclasses.replace(SearchConfig(**budget), **over)
+  qcfg, qp0 = starts[start]
+  cfg, params = ctx["cfg"], ctx["params"]
+  curve = []
+  on_block = None
+  if seed == 0 and (setting, method) in CURVES:
+    curve.append({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
+                  "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
+                                                 ctx["fp_ref"], INFONCE)})
+
+    def on_block(qp, rec):
+      curve.append({"candidates": rec["candidates"], "fitness": rec["fitness"],
+                    **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
+  r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
+             holdout=ctx["holdout"], on_block=on_block)
+  final = _metrics(ctx, qcfg, r.qparams)
+  last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
+  return {"setting": setting, "method": method, "seed": seed,
+          "calibration_fitness": calibration_fitness(cfg, qcfg, params, r.qparams, ctx["calib"],
+                                                     ctx["fp_ref"], INFONCE),
+          **final, "candidates_evaluated": r.candidates,
+          "seconds": r.seconds, "config": {"quant": dataclasses.asdict(qcfg),
+                                           "search": dataclasses.asdict(scfg)},
+          "extra": {"start": start if start != "best" else best, "own_loss_init": r.fitness_init,
+                    "selected_pass": r.selected_pass, "holdout": r.holdout,
+                    "last_pass_test_top1": last["test_top1"], "curve": curve}}
+
+
+def _save(payload, name):
+  path = os.path.join(RESULTS, f"{name}.json")
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--config", default="", help="config file[:arg]; default: the fixture")
+  ap.add_argument("--settings", nargs="+", default=["W3A8", "W4A8", "W8A8", "W4A4"])
+  ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  ap.add_argument("--only", nargs="+", default=None, help="search methods to run")
+  ap.add_argument("--passes", type=int, default=2)
+  ap.add_argument("--generations", type=int, default=2)
+  ap.add_argument("--children", type=int, default=4)
+  ap.add_argument("--holdout", type=int, default=2000, help="held-out train images")
+  ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
+  ap.add_argument("--resume", action="store_true")
+  ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
+  ap.add_argument("--name", default="accuracy", help="result file names")
+  args = ap.parse_args()
+  path = os.path.join(RESULTS, f"{args.name}.json")
+  payload = {"runs": []}
+  if (args.resume or args.report) and os.path.exists(path):
+    with open(path) as f:
+      payload = json.load(f)
+  if args.report:
+    return report(payload, args.name)
+  budget = dict(passes=args.passes, generations=args.generations, children=args.children)
+  payload["budget"], payload["holdout_images"] = budget, args.holdout
+  c = apply_overrides(load_config(args.config) if args.config else base_config(), args.set)
+  c.holdout.num_images = args.holdout
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  ctx = {"cfg": cfg, "params": params, "calib": data["calib"], "test": data["test"],
+         "holdout": data.get("holdout"),
+         "fp": predict(cfg, params, data["test"][0]),
+         "fp_ref": reference_logits(cfg, params, data["calib"])}
+  payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
+  done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
+  common = {"git_commit": git_commit(), "config_file": args.config or "base_config()",
+            "overrides": args.set}
+  states = {}
+
+  def setting_state(setting):  # the no-search baselines, once per setting
+    if setting not in states:
+      cs = _setting(c, setting)
+      runs, starts, best = baselines(ctx, cs, setting)
+      states[setting] = (cs, starts, best)
+      for r in runs:
+        if (setting, r["method"], None) not in done:
+          payload["runs"].append({**r, **common})
+      print(f"{setting}: best no-search baseline by calibration loss: {best}", file=sys.stderr,
+            flush=True)
+      _save(payload, args.name)
+    return states[setting]
+
+  for settings, methods in PLAN:
+    settings = [s for s in settings if s in args.settings]
+    methods = [m for m in methods if not args.only or m in args.only]
+    for setting in settings if not methods else ():
+      setting_state(setting)
+    for seed in args.seeds:  # seed-major inside a group
+      for setting in settings:
+        for method in methods:
+          if (setting, method, seed) in done:
+            continue
+          cs, starts, best = setting_state(setting)
+          if method == "evolq-infonce-from-best" and best == f"init-{quant_config(cs).w_observer}":
+            continue  # the same run as evolq-infonce
+          r = run_search(ctx, cs, setting, method, seed, starts, best, budget)
+          payload["runs"].append({**r, **common})
+          done.add((setting, method, seed))
+          _save(payload, args.name)
+          print(f"{setting} {method} seed {seed}: top-1 {r['test_top1']:.2f}, "
+                f"calib {r['calibration_fitness']:.4f}, {r['seconds']:.0f} s", file=sys.stderr,
+                flush=True)
+  report(payload, args.name)
+
+
+# --- report -------------------------------------------------------------------
+
+def _group(runs):
+  out = {}
+  for r in runs:
+    out.setdefault((r["setting"], r["method"]), []).append(r)
+  return out
+
+
+def _ms(vals, fmt="{:.2f}"):
+  vals = np.asarray(vals, float)
+  return fmt.format(vals.mean()) + (f" ± {fmt.format(vals.std())}" if len(vals) > 1 else "")
+
+
+def report(payload, name="accuracy"):
+  runs = payload["runs"]
+  groups = _group(runs)
+  settings = list(dict.fromkeys(r["setting"] for r in runs))
+  lines = ["# Accuracy: the paper's comparisons on the fixture", "",
+           f"FP top-1 {payload.get('fp_top1', float('nan')):.2f} %. Budget per search: "
+           f"{payload.get('budget')} (the search's `generations x children` candidates per "
+           "block plus its start, for every block of every pass; the gradient baseline takes "
+           "the same number of forward+backward steps). Test top-1/top-5/agreement in % on the "
+           "10,000 test images, mean ± std over seeds; `calib` = infoNCE calibration loss "
+           "(lower is better) of the kept result. The budget curves' top-1 points use the first "
+           f"{CURVE_TEST_IMAGES:,} test images. Searches keep the pass with the best top-1 "
+           f"on {payload.get('holdout_images', 0):,} held-out train images, the init counting as pass 0; `last pass` is what "
+           "the search ended with. Commits: "
+           + ", ".join(sorted({r['git_commit'][:12] for r in runs})) + ".", ""]
+  for s in settings:
+    best = [m for (st, m), rs in groups.items() if st == s
+            and rs[0].get("extra", {}).get("best_no_search_by_calibration")]
+    lines += [f"## {s}", "", f"Best no-search baseline by calibration loss: "
+              f"`{best[0] if best else '?'}`.", "",
+              "| method | seeds | calib | test top-1 | last pass top-1 | top-5 | agreement | "
+              "candidates | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+    for (st, m), rs in groups.items():
+      if st != s:
+        continue
+      last = [r["extra"].get("last_pass_test_top1") for r in rs]
+      lines.append(
+          f"| {m} | {len(rs) if rs[0]['seed'] is not None else '-'} | "
+          f"{_ms([r['calibration_fitness'] for r in rs], '{:.4f}')} | "
+          f"{_ms([r['test_top1'] for r in rs])} | "
+          f"{_ms(last) if None not in last else '-'} | {_ms([r['test_top5'] for r in rs])} | "
+          f"{_ms([r['agreement_with_fp'] for r in rs])} | {rs[0]['candidates_evaluated']} | "
+          f"{np.mean([r['seconds'] for r in rs]):.0f} |")
+    lines.append("")
+  write_results(name, payload, "\n".join(lines))
+  _plots(runs, groups, settings, name)
+
+
+def _plots(runs, groups, settings, name):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.8), squeeze=False)
+  for ax, s in zip(axes[0], settings):
+    items = [(m, rs) for (st, m), rs in groups.items() if st == s]
+    means = [np.mean([r["test_top1"] for r in rs]) for _, rs in items]
+    stds = [np.std([r["test_top1"] for r in rs]) for _, rs in items]
+    colors = ["tab:gray" if rs[0]["seed"] is None else "tab:blue" for _, rs in items]
+    ax.barh(range(len(items)), means, xerr=stds, color=colors)
+    ax.set_yticks(range(len(items)), [m for m, _ in items], fontsize=8)
+    lo = min(means) - 0.3
+    ax.set_xlim(lo, max(means) + 0.3)
+    ax.invert_yaxis()
+    ax.set_title(f"{s}: test top-1 (%)")
+  fig.tight_layout()
+  fig.savefig(os.path.join(RESULTS, f"{name}_top1.png"), dpi=110)
+  plt.close(fig)
+  for s in settings:
+    curves = {r["method"]: r["extra"]["curve"] for r in runs
+              if r["setting"] == s and r.get("extra", {}).get("curve")}
+    if not curves:
+      continue
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m, cv in curves.items():
+      n = [p["candidates"] for p in cv]
+      a1.plot(n, [p["test_top1"] for p in cv], marker="o", ms=3, label=m)
+      a2.plot(n, [p["fitness"] for p in cv], marker="o", ms=3, label=m)
+    a1.set(xlabel="candidates evaluated", ylabel="test top-1 (%)", title=f"{s}: test top-1")
+    a2.set(xlabel="candidates evaluated", ylabel="infoNCE calibration loss",
+           title=f"{s}: calibration loss")
+    a1.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, f"{name}_budget_{s}.png"), dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+  main()
