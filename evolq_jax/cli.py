@@ -1,4 +1,4 @@
-"""The `evolq` command: train | eval | search | demo."""
+"""The `evolq` command: train | eval | search | demo | landscape."""
 from __future__ import annotations
 
 import argparse
@@ -98,6 +98,31 @@ def cmd_demo(args):
   _print_search(run_search(c, args.workdir, resume=args.resume), args.workdir)
 
 
+def cmd_landscape(args):
+  from evolq_jax.landscape import run_landscape
+  c = _config(args)
+  if args.seed is not None:
+    c.seed = args.seed
+  r = run_landscape(c, args.workdir, args.layer, args.block, args.dims, args.direction,
+                    args.points, args.span, args.test_limit, args.channel)
+  rough = r["roughness"]
+  print(f"{r['model']} {r['setting']}: block {r['block']} {r['layer']}, {r['direction']} "
+        f"direction(s), {r['points']}{'x' + str(r['points']) if r['dims'] == 2 else ''} points, "
+        f"a in [-{r['span']}, {r['span']}]")
+  print(f"calibration {r['loss_name']}: {min(_flat(r['loss'])):.5f} .. {max(_flat(r['loss'])):.5f}"
+        f" (at a=0: {r['loss_at_zero']}); roughness {rough['second_difference']:.3f}, "
+        f"{rough['local_minima']} local minima")
+  if r["top1"] is not None:
+    print(f"test top-1 on {r['test_images']} images: {min(_flat(r['top1'])):.2f} .. "
+          f"{max(_flat(r['top1'])):.2f} % (at a=0: {r['top1_at_zero']})")
+  for path in r["paths"].values():
+    print(f"  {path}")
+
+
+def _flat(grid):
+  return [v for row in grid for v in row] if grid and isinstance(grid[0], list) else grid
+
+
 def build_parser():
   p = argparse.ArgumentParser(prog="evolq", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
@@ -114,6 +139,7 @@ def build_parser():
     s.add_argument("--workdir", required=workdir is None, default=workdir,
                    help="folder for outputs")
     s.set_defaults(fn=fn)
+    return s
 
   add("train", cmd_train, "train a model from scratch (the fixture recipe)")
   add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json")
@@ -121,6 +147,22 @@ def build_parser():
       "history.jsonl, fitness.png", resume=True)
   add("demo", cmd_demo, "the whole pipeline on the bundled fixture (W3A8)", config=False,
       workdir=DEMO_WORKDIR, resume=True)
+  s = add("landscape", cmd_landscape, "calibration loss and test top-1 on a 1D/2D grid of "
+          "perturbations of one layer's weight scales; writes landscape.{png,json}")
+  s.add_argument("--layer", required=True, help="qkv | proj | fc1 | fc2")
+  s.add_argument("--block", type=int, default=None, help="block index (default: the last)")
+  s.add_argument("--dims", type=int, default=1, help="1: a line, 2: a grid")
+  s.add_argument("--direction", default="random",
+                 help="random (unit-RMS relative) | basis (one output channel's scale)")
+  s.add_argument("--channel", type=int, nargs="+", default=None,
+                 help="basis channel(s), one per dimension (default 0 [1])")
+  s.add_argument("--points", type=int, default=41, help="grid points per axis")
+  s.add_argument("--span", type=float, default=0.1,
+                 help="relative perturbations a in [-span, span]: scale x (1 + a d)")
+  s.add_argument("--test-limit", type=int, default=1000,
+                 help="test images for the top-1 (0: no accuracy)")
+  s.add_argument("--seed", type=int, default=None,
+                 help="seed of the random direction(s) (default: the config's seed)")
   return p
 
 

@@ -8,7 +8,16 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb"])
+# notebook -> (text its outputs must show, plots it must write)
+EXPECTED = {
+    "quickstart.ipynb": (["W3A8 Evol-Q", "calibration loss"], ["quickstart_fitness.png"]),
+    "loss_landscape.ipynb": (["roughness", "infonce rough", "W8A8 fc2"],
+                             ["landscape_qkv_w3a8.png", "landscape_qkv_basis_w3a8.png",
+                              "landscape_qkv_2d_w3a8.png"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_notebook_executes(name, tmp_path, monkeypatch):
   monkeypatch.setenv("EVOLQ_QUICK", "1")
   nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
@@ -16,5 +25,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
                  resources={"metadata": {"path": str(tmp_path)}}).execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
-  assert "W3A8 Evol-Q" in outputs and "calibration loss" in outputs
-  assert (tmp_path / "quickstart_fitness.png").stat().st_size > 1000
+  texts, plots = EXPECTED[name]
+  for text in texts:
+    assert text in outputs
+  for plot in plots:
+    assert (tmp_path / plot).stat().st_size > 1000
