@@ -23,7 +23,7 @@ from evolq_jax.losses import LOSSES, batched_loss
 from evolq_jax.models.forward import quantize_params, quantized_logits
 from evolq_jax.models.presets import ViTConfig
 from evolq_jax.search import checkpoint as ckpt
-from evolq_jax.search.fitness import (in_batches, population_fitness, prefix_activations,
+from evolq_jax.search.fitness import (in_batches, population_scorer, prefix_activations,
                                       reference_logits)
 from evolq_jax.search.gradient import GRADIENT_METHODS, gradient_block_search
 from evolq_jax.search.space import SearchSpace, block_scales, set_block_scales
@@ -48,6 +48,8 @@ class SearchConfig:
   acts: bool = False
   loss_batch: int = 100
   chunk: int = 0             # candidates vmapped at once; 0 = the whole population
+  memory_mb: float = 0.0     # > 0: pick chunk so a device's scoring fits in this many MiB
+  devices: int = 0           # population split over jax.devices()[:devices]; 0 = all, 1 = off
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))  # hashable: a jit static arg
@@ -62,6 +64,12 @@ class SearchConfig:
       raise ValueError(f"search.population={self.population} must be >= 2 (paper: 15).")
     if self.radius < 0:
       raise ValueError(f"search.radius={self.radius!r} must be >= 0 (0 = the paper's r).")
+    if self.chunk < 0 or self.memory_mb < 0 or self.devices < 0:
+      raise ValueError(f"search.chunk={self.chunk}, search.memory_mb={self.memory_mb} and "
+                       f"search.devices={self.devices} must be >= 0 (0 = default).")
+    if self.chunk and self.memory_mb:
+      raise ValueError(f"search.chunk={self.chunk} and search.memory_mb={self.memory_mb} are "
+                       "both set: give a fixed chunk or a memory budget to choose it, not both.")
     for name in ("passes", "generations", "children", "loss_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"search.{name}={getattr(self, name)!r} must be >= 1.")
@@ -112,9 +120,7 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
   tokens = prefix_activations(cfg, qcfg, params, qparams, images, block)
   fq = quantize_params(qcfg, params, qparams)
   vec0, layout = block_scales(qparams, block, scfg.space, qcfg.log2_softmax)
-  score = lambda pop: population_fitness(  # noqa: E731
-      cfg, qcfg, block, layout, scfg.loss, scfg.temperature, scfg.loss_batch, scfg.chunk,
-      pop, params, fq, qparams, tokens, fp_ref)
+  score = population_scorer(cfg, qcfg, scfg, block, layout, params, fq, qparams, tokens, fp_ref)
   f0 = float(score(vec0[None])[0])
   if scfg.strategy in GRADIENT_METHODS:
     best_vec, records, n = gradient_block_search(

@@ -5,20 +5,25 @@ tokens entering b on the calibration set (`prefix_activations`) are computed
 once; a candidate only runs blocks b..end and the head. A population of scale
 vectors is scored in one jitted call: vmapped over candidates, in chunks of
 `chunk` candidates (lax.map) to bound memory, and over calibration batches in
-sequence (the loss's own batches).
+sequence (the loss's own batches). `population_scorer` picks the chunk from a
+memory budget and splits the population over devices (`sharding.py`).
 """
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from evolq_jax.config import QuantConfig
 from evolq_jax.losses import get_loss
 from evolq_jax.models.forward import fp_logits, model_for, quantize_params
 from evolq_jax.models.presets import ViTConfig
 from evolq_jax.quant.weights import quantize_kernel
+from evolq_jax.search import sharding
 from evolq_jax.search.space import set_block_scales
 
 
@@ -61,9 +66,11 @@ def requantize_block(qcfg: QuantConfig, params, fq_params, qparams, block: int, 
     sub, layer = path
     q = qparams.weights[name][sub][layer]
     raw = params[name][sub][layer]
-    out[name][sub] = {**out[name][sub], layer: {
-        **raw, "kernel": quantize_kernel(raw["kernel"], q["scale"], q["zero_point"],
-                                         qcfg.w_spec, qcfg.bias_correction, ste)}}
+    kernel = quantize_kernel(raw["kernel"], q["scale"], q["zero_point"], qcfg.w_spec,
+                             qcfg.bias_correction, ste)
+    # in fq_params' dtype: bf16 compute keeps bf16 kernels (a no-op in float32)
+    kernel = kernel.astype(fq_params[name][sub][layer]["kernel"].dtype)
+    out[name][sub] = {**out[name][sub], layer: {**raw, "kernel": kernel}}
   return out
 
 
@@ -86,16 +93,113 @@ def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec,
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7),
+                   static_argnames=("mesh",))
 def population_fitness(cfg: ViTConfig, qcfg: QuantConfig, block: int, layout, loss: str,
                        temperature: float, loss_batch: int, chunk: int, population, params,
-                       fq_params, qparams, tokens, fp_ref):
+                       fq_params, qparams, tokens, fp_ref, mesh=None):
   """Losses (P,) of a population (P, D) of block-`block` scale vectors.
 
-  Candidates are vmapped `chunk` at a time (chunk >= P: all at once).
+  Candidates are vmapped `chunk` at a time (chunk >= P: all at once). With a
+  `mesh` (sharding.population_mesh), each device scores P / devices of them,
+  `chunk` at a time; the other arrays must already be on every device.
   """
   one = functools.partial(candidate_loss, cfg, qcfg, block, layout, loss, temperature,
                           loss_batch)
-  f = lambda v: one(v, params, fq_params, qparams, tokens, fp_ref)  # noqa: E731
-  p = population.shape[0]
-  return jax.lax.map(f, population, batch_size=min(chunk, p) if chunk > 0 else p)
+
+  def local(pop, params, fq_params, qparams, tokens, fp_ref):
+    def f(v):
+      return one(v, params, fq_params, qparams, tokens, fp_ref)
+
+    p = pop.shape[0]
+    return jax.lax.map(f, pop, batch_size=min(chunk, p) if chunk > 0 else p)
+
+  run = sharding.sharded_over_population(local, mesh)
+  return run(population, params, fq_params, qparams, tokens, fp_ref)
+
+
+def tree_bytes(tree) -> int:
+  return sum(int(np.prod(jnp.shape(a))) * jnp.result_type(a).itemsize
+             for a in jax.tree.leaves(tree))
+
+
+def estimated_candidate_bytes(cfg: ViTConfig, block: int, loss_batch: int, itemsize: int = 4):
+  """Shape-based guess of one candidate's live activations: one loss batch
+  through blocks block..end (residual, qkv, attention logits and probs, MLP),
+  in case the backend gives no memory analysis."""
+  t, d, h = cfg.num_patches + 1, cfg.embed_dim, cfg.num_heads
+  per_token = 8 * d + 4 * h * t + 2 * cfg.mlp_hidden
+  return itemsize * loss_batch * t * per_token * (cfg.depth - block)
+
+
+_candidate_bytes_memo: dict = {}
+
+
+def candidate_bytes(static: tuple, args: tuple) -> int:
+  """Bytes of XLA temporaries that scoring one candidate needs.
+
+  static: population_fitness's static args up to loss_batch (cfg ... loss_batch);
+  args: (params, fq_params, qparams, tokens, fp_ref). From XLA's memory
+  analysis of a one-candidate program (compiled once per block and shapes),
+  else the shape-based estimate.
+  """
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                          args)
+  leaves, treedef = jax.tree.flatten(abstract)
+  key = static + (treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
+  if key not in _candidate_bytes_memo:
+    cfg, block, loss_batch = static[0], static[2], static[6]
+    dim = sum(math.prod(shape) for kind, _, shape in static[3])
+    vec = jax.ShapeDtypeStruct((1, dim), jnp.float32)
+    try:
+      analysis = population_fitness.lower(*static, 1, vec, *abstract).compile().memory_analysis()
+      n = int(analysis.temp_size_in_bytes)
+    except (AttributeError, NotImplementedError):  # no memory analysis on this backend
+      n = 0
+    itemsize = jnp.result_type(args[3]).itemsize
+    _candidate_bytes_memo[key] = n or estimated_candidate_bytes(cfg, block, loss_batch, itemsize)
+  return _candidate_bytes_memo[key]
+
+
+def chunk_for_budget(memory_mb: float, per_candidate: int, fixed: int, population: int) -> int:
+  """Largest chunk of candidates (<= population) whose temporaries, on top of
+  `fixed` bytes of inputs, fit in memory_mb MiB; at least 1."""
+  room = memory_mb * 2 ** 20 - fixed
+  if room < per_candidate:
+    warnings.warn(f"search.memory_mb={memory_mb:g} leaves room for no candidate: inputs take "
+                  f"{fixed / 2 ** 20:.0f} MiB and one candidate about "
+                  f"{per_candidate / 2 ** 20:.0f} MiB; scoring one at a time. Lower "
+                  "search.loss_batch (or use fewer calibration images) to fit.", stacklevel=2)
+    return 1
+  return int(max(1, min(population, room // per_candidate)))
+
+
+def population_scorer(cfg: ViTConfig, qcfg: QuantConfig, scfg, block: int, layout, params,
+                      fq_params, qparams, tokens, fp_ref):
+  """-> score(population (P, D)) -> losses (P,), following scfg.chunk /
+  scfg.memory_mb (chunk size) and scfg.devices (population split over devices).
+
+  The arrays are put on the devices once here, not on every call.
+  """
+  mesh = sharding.population_mesh(scfg.devices)
+  args = sharding.replicate((params, fq_params, qparams, tokens, fp_ref), mesh)
+  static = (cfg, qcfg, block, layout, scfg.loss, scfg.temperature, scfg.loss_batch)
+  n_dev = 1 if mesh is None else mesh.size
+  chunks = {}
+
+  def score(population):
+    p = population.shape[0]
+    if p not in chunks:
+      chunks[p] = scfg.chunk
+      if scfg.memory_mb:
+        per_device = -(-p // n_dev)
+        fixed = tree_bytes(args) + tree_bytes(population)
+        chunks[p] = chunk_for_budget(scfg.memory_mb, candidate_bytes(static, args), fixed,
+                                     per_device)
+    if mesh is None:
+      return population_fitness(*static, chunks[p], population, *args)
+    fit = population_fitness(*static, chunks[p], sharding.replicate(population, mesh), *args, mesh=mesh)
+    return jnp.asarray(np.asarray(fit))  # back on the default device, beside the strategy
+
+  score.chunks = chunks  # population size -> chunk used (for reports and tests)
+  return score
