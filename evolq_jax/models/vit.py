@@ -4,7 +4,10 @@ three modes:
   "fp"     full precision;
   "calib"  full precision, and every quantization point's input is sown into
            the "stats" collection (its tree is the layout of QParams.acts);
-  "quant"  fake-quant at every quantization point with `aq` (QParams.acts).
+  "quant"  fake-quant at every quantization point with `aq` (QParams.acts);
+  "quant_ste" the same values, with straight-through gradients through every
+           rounding (for gradient-based baselines; plain fake-quant has a zero
+           gradient almost everywhere, which would stop them dead).
 
 Weights are quantized outside the module (`quant.quantize_weights`), so the
 module only ever sees (already fake-quantized) params. Names follow timm.
@@ -15,14 +18,15 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from evolq_jax.config import QuantConfig
 from evolq_jax.models.presets import ViTConfig
 from evolq_jax.quant.log2 import log2_fake_quant
-from evolq_jax.quant.uniform import fake_quant
+from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
 
-MODES = ("fp", "calib", "quant")
+MODES = ("fp", "calib", "quant", "quant_ste")
 LN_EPS = 1e-6
 # Quantization points feeding a LayerNorm: PTF (per channel) when enabled.
 RESIDUAL_POINTS = ("embed", "resid1", "resid2")
@@ -41,11 +45,14 @@ class QuantPoint(nn.Module):
   def qpoint(self, name: str, x, aq):
     if self.mode == "calib":
       self.sow("stats", name, x, init_fn=lambda: None, reduce_fn=_keep_last)
-    elif self.mode == "quant":
+    elif self.mode in ("quant", "quant_ste"):
+      ste = self.mode == "quant_ste"
       if name == PROB_POINT and self.quant.log2_softmax:
-        return log2_fake_quant(x, self.quant.prob_spec)
+        y = log2_fake_quant(x, self.quant.prob_spec)
+        return x + jax.lax.stop_gradient(y - x) if ste else y
       q = aq[name]
-      return fake_quant(x, q["scale"], q["zero_point"], self.quant.a_spec)
+      return (fake_quant_ste if ste else fake_quant)(x, q["scale"], q["zero_point"],
+                                                     self.quant.a_spec)
     return x
 
   def sub(self, aq, name):
@@ -111,7 +118,7 @@ class VisionTransformer(QuantPoint):
     cfg: ViTConfig = self.config
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is unknown: expected one of {MODES}.")
-    if self.mode == "quant" and (aq is None or self.quant is None):
+    if self.mode.startswith("quant") and (aq is None or self.quant is None):
       raise ValueError("mode='quant' needs activation qparams and a QuantConfig: "
                        "run evolq_jax.calibrate first.")
     kw = dict(mode=self.mode, quant=self.quant)

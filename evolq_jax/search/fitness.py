@@ -79,7 +79,7 @@ def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec,
   """Loss of one candidate scale vector, from the cached prefix tokens."""
   qp = set_block_scales(qparams, block, vec, layout)
   p = requantize_block(qcfg, params, fq_params, qp, block, layout, ste)
-  model = model_for(cfg, "quant", qcfg)
+  model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
   loss_fn = get_loss(loss)
   n = tokens.shape[0] // loss_batch
   xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
