@@ -52,9 +52,9 @@ SEARCHES = {
 # Priority order of the grid: a run cut short still has the main comparisons.
 # A group with no methods only computes the settings' no-search baselines.
 PLAN = [
-    (("W3A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam", "random-search")),
+    (("W3A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam", "random-search",
+                 "evolq-mse", "evolq-kl", "evolq-cosine")),
     (("W4A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
-    (("W3A8",), ("evolq-mse", "evolq-kl", "evolq-cosine")),
     (("W8A8", "W4A4"), ()),
     (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search")),
     (("W4A8",), ("random-search",)),

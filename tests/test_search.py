@@ -122,6 +122,21 @@ def _run(setup, **kw):
                 workdir=kw.get("workdir"), resume=kw.get("resume", False), progress=False)
 
 
+def test_straight_through_loss_has_the_same_value_and_a_gradient(setup):
+  """The gradient baseline's loss: same value as the search's, non-zero gradient
+  w.r.t. the scales (plain fake-quant has a zero gradient almost everywhere)."""
+  params, x, qparams, fp_ref = setup
+  vec, layout = block_scales(qparams, 1, SearchConfig().space)
+  tokens = prefix_activations(CFG, QCFG, params, qparams, x, 1)
+  fq = quantize_params(QCFG, params, qparams)
+  loss = lambda v, ste: candidate_loss(CFG, QCFG, 1, layout, "infonce", 3.0, LB, v,  # noqa
+                                       params, fq, qparams, tokens, fp_ref, ste=ste)
+  np.testing.assert_allclose(loss(vec, True), loss(vec, False), rtol=1e-6)
+  assert float(jnp.abs(jax.grad(lambda v: loss(v, False))(vec)).max()) == 0.0
+  g = jax.grad(lambda v: loss(v, True))(vec)
+  assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+
+
 def test_random_search_samples_around_the_start():
   s = make_strategy("random", 5, children=64, radius=0.1)
   x0 = jnp.array([1.0, 2.0, 0.05, 0.5, 3.0])
