@@ -11,18 +11,23 @@ among its passes on held-out training images (the init counting as pass 0).
 
 Runs are appended to accuracy.json as they finish; --resume skips the cells
 already there with the same budget, so a killed grid continues. --report
-rewrites the tables and plots from the JSON alone. The same script runs on an
+rewrites the tables and plots from the JSON alone (--merge adds the runs
+of other result files, e.g. a grid split over machines by --settings/--name). The same script runs on an
 ImageNet config (e.g. configs/deit_small.py:W4A8 with data and checkpoint set).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import sys
+import tempfile
 import time
 
+import jax
 import numpy as np
 from common import RESULTS, git_commit, write_results
 
@@ -166,6 +171,9 @@ def main():
   ap.add_argument("--resume", action="store_true")
   ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
   ap.add_argument("--name", default="accuracy", help="result file names")
+  ap.add_argument("--merge", nargs="*", default=[],
+                  help="with --report: add the runs of these result JSONs (e.g. a grid split "
+                       "over machines by --settings and --name)")
   args = ap.parse_args()
   path = os.path.join(RESULTS, f"{args.name}.json")
   payload = {"runs": []}
@@ -173,6 +181,15 @@ def main():
     with open(path) as f:
       payload = json.load(f)
   if args.report:
+    keys = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
+    for other in args.merge:
+      with open(other) as f:
+        extra = json.load(f)
+      if extra.get("budget") != payload.get("budget"):
+        raise SystemExit(f"{other}: budget {extra.get('budget')} differs from "
+                         f"{payload.get('budget')}; runs with different budgets don't compare.")
+      payload["runs"] += [r for r in extra["runs"]
+                          if (r["setting"], r["method"], r["seed"]) not in keys]
     return report(payload, args.name)
   budget = dict(passes=args.passes, generations=args.generations, children=args.children)
   payload["budget"], payload["holdout_images"] = budget, args.holdout
@@ -193,7 +210,17 @@ def main():
   def setting_state(setting):  # the no-search baselines, once per setting
     if setting not in states:
       cs = _setting(c, setting)
-      runs, starts, best = baselines(ctx, cs, setting)
+      # Cached across invocations (same config, same code): a resumed grid
+      # need not recalibrate. The key covers the config and the overrides.
+      key = hashlib.sha1(f"{cs.to_json()}|{args.holdout}".encode()).hexdigest()[:16]
+      cache = os.path.join(tempfile.gettempdir(), f"evolq_accuracy_{setting}_{key}.pkl")
+      if os.path.exists(cache):
+        with open(cache, "rb") as f:
+          runs, starts, best = pickle.load(f)
+      else:
+        runs, starts, best = baselines(ctx, cs, setting)
+        with open(cache, "wb") as f:
+          pickle.dump(jax.device_get((runs, starts, best)), f)
       states[setting] = (cs, starts, best)
       for r in runs:
         if (setting, r["method"], None) not in done:
@@ -240,6 +267,14 @@ def _ms(vals, fmt="{:.2f}"):
   return fmt.format(vals.mean()) + (f" ± {fmt.format(vals.std())}" if len(vals) > 1 else "")
 
 
+def _start_top1(groups, run):
+  """Test top-1 of the no-search baseline a search started from."""
+  start = run["extra"]["start"]
+  if start == "reference":
+    start = f"init-{run['config']['quant']['w_observer']}"
+  return groups[(run["setting"], start)][0]["test_top1"]
+
+
 def report(payload, name="accuracy"):
   runs = payload["runs"]
   groups = _group(runs)
@@ -260,25 +295,28 @@ def report(payload, name="accuracy"):
             and rs[0].get("extra", {}).get("best_no_search_by_calibration")]
     lines += [f"## {s}", "", f"Best no-search baseline by calibration loss: "
               f"`{best[0] if best else '?'}`.", "",
-              "| method | seeds | calib | test top-1 | last pass top-1 | top-5 | agreement | "
-              "candidates | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+              "| method | seeds | calib | test top-1 | gain vs its start (worst seed) | "
+              "last pass top-1 | top-5 | agreement | candidates | s / run |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for (st, m), rs in groups.items():
       if st != s:
         continue
       last = [r["extra"].get("last_pass_test_top1") for r in rs]
+      gains = [r["test_top1"] - _start_top1(groups, r) for r in rs if rs[0]["seed"] is not None]
       lines.append(
           f"| {m} | {len(rs) if rs[0]['seed'] is not None else '-'} | "
           f"{_ms([r['calibration_fitness'] for r in rs], '{:.4f}')} | "
           f"{_ms([r['test_top1'] for r in rs])} | "
+          f"{f'{np.mean(gains):+.2f} ({min(gains):+.2f})' if gains else '-'} | "
           f"{_ms(last) if None not in last else '-'} | {_ms([r['test_top5'] for r in rs])} | "
           f"{_ms([r['agreement_with_fp'] for r in rs])} | {rs[0]['candidates_evaluated']} | "
           f"{np.mean([r['seconds'] for r in rs]):.0f} |")
     lines.append("")
   write_results(name, payload, "\n".join(lines))
-  _plots(runs, groups, settings, name)
+  _plots(runs, groups, settings, name, payload.get("fp_top1"))
 
 
-def _plots(runs, groups, settings, name):
+def _plots(runs, groups, settings, name, fp_top1=None):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -290,8 +328,10 @@ def _plots(runs, groups, settings, name):
     colors = ["tab:gray" if rs[0]["seed"] is None else "tab:blue" for _, rs in items]
     ax.barh(range(len(items)), means, xerr=stds, color=colors)
     ax.set_yticks(range(len(items)), [m for m, _ in items], fontsize=8)
-    lo = min(means) - 0.3
-    ax.set_xlim(lo, max(means) + 0.3)
+    if fp_top1 is not None:
+      ax.axvline(fp_top1, color="k", ls="--", lw=1, label=f"FP {fp_top1:.2f}")
+      ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(min(means) - 0.3, max(means + [fp_top1 or 0]) + 0.3)
     ax.invert_yaxis()
     ax.set_title(f"{s}: test top-1 (%)")
   fig.tight_layout()

@@ -51,7 +51,8 @@ def _print_search(s, workdir):
            "calib loss": s["fitness_final"]}]
   print(format_table(rows, ["model", "top1", "top5", "agree", "calib loss"]))
   if "selected_pass" in s:
-    picks = ", ".join(f"{h['pass']}: {h['holdout_top1']:.2f}" for h in s["holdout"])
+    picks = ", ".join(f"{h['pass']}: {h['holdout_top1']:.2f} (p={h['p_value']:.2g})"
+                      for h in s["holdout"])
     print(f"held-out top-1 per pass ({s['holdout_images']} train images; 0 = init) {picks}; "
           f"kept pass {s['selected_pass']} (the last pass scores {s['last_pass_top1']:.2f} "
           "on test)")

@@ -66,7 +66,9 @@ def base_config():
   c.calib = ml_collections.ConfigDict(dict(num_images=1000, batch_size=100, seed=0))
   # Held-out training images (not calibration) whose top-1 picks among the
   # search's passes, the FQ-ViT init counting as pass 0; 0 = keep the last pass.
-  c.holdout = ml_collections.ConfigDict(dict(num_images=0))
+  # A pass replaces the init only if a one-sided sign test on the images they
+  # disagree on gives p < alpha (1.0 = no test).
+  c.holdout = ml_collections.ConfigDict(dict(num_images=0, alpha=0.05))
   q = QuantConfig()
   c.quant = ml_collections.ConfigDict(dict(
       w_bits=q.w_bits, a_bits=q.a_bits, w_observer=q.w_observer, a_observer=q.a_observer,

@@ -137,7 +137,7 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> 
   os.makedirs(workdir, exist_ok=True)
   result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
                   workdir=workdir, resume=resume, progress=progress,
-                  holdout=data.get("holdout"))
+                  holdout=data.get("holdout"), holdout_alpha=c.holdout.alpha)
   final = classification_metrics(
       predict(cfg, params, test_x, qcfg, result.qparams, c.eval.batch_size, desc("eval final")),
       test_y, fp)

@@ -198,7 +198,7 @@ def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
   params, x, qparams, _ = setup
   scfg = SearchConfig(passes=2, generations=2, children=3, population=4, loss_batch=LB)
   run = lambda labels, **kw: search(CFG, QCFG, params, qparams, x, scfg, progress=False,  # noqa
-                                    holdout=(x, labels), **kw)
+                                    holdout=(x, labels), holdout_alpha=1.0, **kw)
   # Labels = the init's own predictions: init scores 100 and no pass beats it.
   r = run(_predict(params, qparams, x))
   assert r.selected_pass == 0 and [h["pass"] for h in r.holdout] == [0, 1, 2]
@@ -230,6 +230,21 @@ def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
   assert r3.selected_pass == r2.selected_pass and r3.holdout == r2.holdout
   for u, v in zip(jax.tree.leaves(r2.qparams), jax.tree.leaves(r3.qparams)):
     np.testing.assert_array_equal(u, v)
+
+
+def test_sign_test_and_the_pick():
+  assert engine.sign_test(5, 0) == pytest.approx(1 / 32) and engine.sign_test(0, 0) == 1.0
+  assert engine.sign_test(10, 10) == pytest.approx(0.5881, abs=1e-4)
+  assert engine.sign_test(0, 7) == 1.0
+  rec = lambda p, top1, fixed, broken: {"pass": p, "holdout_top1": top1,  # noqa: E731
+                                        "p_value": engine.sign_test(fixed, broken)}
+  init = rec(0, 90.0, 0, 0)
+  # +0.25 points from 30 fixed vs 25 broken: noise (p ~ 0.3), the init stays ...
+  assert engine._pick([init, rec(1, 90.25, 30, 25)], 0.05) == 0
+  # ... unless the test is off; a clear gain passes it; the best of those wins.
+  assert engine._pick([init, rec(1, 90.25, 30, 25)], 1.0) == 1
+  assert engine._pick([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 1
+  assert engine._pick([init, rec(1, 89.0, 5, 25)], 1.0) == 0
 
 
 @pytest.mark.parametrize("kw, message", [

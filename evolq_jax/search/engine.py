@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 from typing import Callable, Optional
 
@@ -84,7 +85,9 @@ class SearchConfig:
 class SearchResult:
   """qparams: the result (the held-out pick when a held-out split was given,
   else the last pass). selected_pass: 0 = the FQ-ViT init, p = after pass p.
-  holdout: per pass (init first) {"pass", "holdout_top1", "fitness"}."""
+  holdout: per pass (init first) {"pass", "holdout_top1", "fitness", "fixed",
+  "broken", "p_value"}: images the pass gets right that the init got wrong and
+  the reverse, and the sign test's p-value of that split."""
   qparams: object
   history: list
   fitness_init: float
@@ -155,25 +158,44 @@ def _evolve(scfg, radius, score, vec0, f0, key, on_generation):
   return best_vec, records, n
 
 
-def holdout_top1(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, holdout,
-                 batch_size: int = 500) -> float:
-  """Top-1 (%) of the quantized model on held-out (images, labels)."""
+def holdout_correct(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, holdout,
+                    batch_size: int = 500) -> np.ndarray:
+  """Per held-out image: does the quantized model get it right? (bool (N,))"""
   x, y = holdout
   logits = in_batches(lambda b: _quantized(cfg, qcfg, params, qparams, b), jnp.asarray(x),
                       batch_size)
-  return float(100.0 * np.mean(np.asarray(jnp.argmax(logits, -1)) == np.asarray(y)))
+  return np.asarray(jnp.argmax(logits, -1)) == np.asarray(y)
+
+
+def sign_test(fixed: int, broken: int) -> float:
+  """One-sided exact McNemar / sign test: P(at least `fixed` of the fixed+broken
+  changed images go the right way | no real difference)."""
+  n = fixed + broken
+  return sum(math.comb(n, k) for k in range(fixed, n + 1)) / 2 ** n if n else 1.0
+
+
+def _pick(records: list, alpha: float) -> int:
+  """The pass to keep: the best held-out top-1 among the passes significantly
+  better than the init (sign test p < alpha; alpha >= 1: no test); else 0."""
+  ok = [r for r in records[1:] if alpha >= 1 or r["p_value"] < alpha]
+  best = max(ok, key=lambda r: r["holdout_top1"], default=records[0])  # first max: earliest
+  return best["pass"] if best["holdout_top1"] > records[0]["holdout_top1"] else 0
 
 
 def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
            seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
-           progress: bool = True, holdout=None,
+           progress: bool = True, holdout=None, holdout_alpha: float = 0.05,
            on_block: Optional[Callable] = None) -> SearchResult:
   """Evol-Q: `scfg.passes` passes over the blocks (last to first).
 
   holdout: optional (images, labels) of training images that are not the
-    calibration set; after every pass its top-1 is measured and the result is
-    the best pass, the FQ-ViT init counting as pass 0 (ties keep the earlier).
-    The search itself always continues from the last pass.
+    calibration set. After every pass the quantized model is scored on them;
+    the result is the best pass among those whose gain over the FQ-ViT init
+    (pass 0) passes a one-sided sign test on the images they disagree on
+    (p < holdout_alpha; 1.0 = no test), else the init. A 2,000-image split
+    cannot tell a 0.1-point change from noise, so without the test the pick
+    can land below the init on fresh data. The search itself always
+    continues from the last pass.
   on_block: optional callback(qparams, record) after every block, e.g. for a
     budget curve; record has pass, block, candidates and fitness.
   """
@@ -188,17 +210,19 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
   schedule = [(p, b) for p in range(scfg.passes) for b in reversed(range(cfg.depth))]
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
            "fitness_init": None, "holdout": [], "selected_pass": 0}
-  selected = qparams
+  selected = qparams_init = qparams
   if resume and workdir:
     restored = ckpt.restore(workdir, qparams)
     if restored is not None:
       qparams, selected, state = restored
   if state["fitness_init"] is None:
     state["fitness_init"] = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
-  if holdout is not None and not state["holdout"]:
-    state["holdout"] = [{"pass": 0, "holdout_top1": holdout_top1(cfg, qcfg, params, qparams,
-                                                                 holdout),
-                         "fitness": state["fitness_init"]}]
+  if holdout is not None:
+    init_correct = holdout_correct(cfg, qcfg, params, qparams_init, holdout)
+    if not state["holdout"]:
+      state["holdout"] = [{"pass": 0, "holdout_top1": 100.0 * float(init_correct.mean()),
+                           "fitness": state["fitness_init"], "fixed": 0, "broken": 0,
+                           "p_value": 1.0}]
   bar = tqdm(total=len(schedule) * scfg.generations, initial=state["position"] * scfg.generations,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):
@@ -218,12 +242,16 @@ def search(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, scfg: Sea
     state["candidates"] += n
     state["position"] = step + 1
     if holdout is not None and b == 0:  # a pass ends with block 0
-      top1 = holdout_top1(cfg, qcfg, params, qparams, holdout)
-      state["holdout"].append({"pass": p + 1, "holdout_top1": top1,
-                               "fitness": state["history"][-1]["best"]})
-      best = max(state["holdout"], key=lambda r: r["holdout_top1"])  # first max: earliest
-      if best["pass"] == p + 1:
-        selected, state["selected_pass"] = qparams, p + 1
+      correct = holdout_correct(cfg, qcfg, params, qparams, holdout)
+      fixed, broken = int(np.sum(correct & ~init_correct)), int(np.sum(init_correct & ~correct))
+      state["holdout"].append({"pass": p + 1, "holdout_top1": 100.0 * float(correct.mean()),
+                               "fitness": state["history"][-1]["best"], "fixed": fixed,
+                               "broken": broken, "p_value": sign_test(fixed, broken)})
+      top1 = state["holdout"][-1]["holdout_top1"]
+      pick = _pick(state["holdout"], holdout_alpha)
+      if pick != state["selected_pass"]:
+        selected = qparams if pick == p + 1 else qparams_init
+        state["selected_pass"] = pick
       if progress:
         bar.write(f"pass {p + 1}: held-out top-1 {top1:.2f} (selected: pass "
                   f"{state['selected_pass']})")
