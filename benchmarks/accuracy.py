@@ -135,7 +135,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget):
       curve.append({"candidates": rec["candidates"], "fitness": rec["fitness"],
                     **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
-             holdout=ctx["holdout"], on_block=on_block)
+             holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block)
   final = _metrics(ctx, qcfg, r.qparams)
   last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
   return {"setting": setting, "method": method, "seed": seed,
@@ -167,6 +167,9 @@ def main():
   ap.add_argument("--generations", type=int, default=2)
   ap.add_argument("--children", type=int, default=4)
   ap.add_argument("--holdout", type=int, default=2000, help="held-out train images")
+  ap.add_argument("--holdout-alpha", type=float, default=1.0,
+                  help="sign-test level for keeping a pass over the init (1.0: plain best "
+                       "held-out top-1, what this grid's committed runs used)")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
   ap.add_argument("--resume", action="store_true")
   ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
@@ -198,7 +201,7 @@ def main():
   cfg, params = load_model(c)
   data = load_data(c, cfg)
   ctx = {"cfg": cfg, "params": params, "calib": data["calib"], "test": data["test"],
-         "holdout": data.get("holdout"),
+         "holdout": data.get("holdout"), "holdout_alpha": args.holdout_alpha,
          "fp": predict(cfg, params, data["test"][0]),
          "fp_ref": reference_logits(cfg, params, data["calib"])}
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
