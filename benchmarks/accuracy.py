@@ -350,7 +350,8 @@ def _plots(runs, groups, settings, name, fp_top1=None):
       n = [p["candidates"] for p in cv]
       a1.plot(n, [p["test_top1"] for p in cv], marker="o", ms=3, label=m)
       a2.plot(n, [p["fitness"] for p in cv], marker="o", ms=3, label=m)
-    a1.set(xlabel="candidates evaluated", ylabel="test top-1 (%)", title=f"{s}: test top-1")
+    a1.set(xlabel="candidates evaluated", ylabel=f"top-1 (%), first {CURVE_TEST_IMAGES:,} test images",
+           title=f"{s}: test top-1")
     a2.set(xlabel="candidates evaluated", ylabel="infoNCE calibration loss",
            title=f"{s}: calibration loss")
     a1.legend()
