@@ -168,22 +168,27 @@ def test_other_strategies_run_and_keep_elitism(setup, strategy):
   assert all(h["best"] <= h["start"] + 1e-6 for h in r.history) and len(bests) == 8
 
 
-def test_kill_and_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
-  full = _run(setup)
-  real = engine.search_block
-  calls = {"n": 0}
+def _killed_then_resumed(monkeypatch, run, at_block: int = 3):
+  """run() killed while searching its `at_block`-th block, then run(resume=True)."""
+  real, calls = engine.search_block, {"n": 0}
 
   def dying(*args, **kw):
     calls["n"] += 1
-    if calls["n"] == 3:
-      raise KeyboardInterrupt  # killed during the 3rd block
+    if calls["n"] == at_block:
+      raise KeyboardInterrupt
     return real(*args, **kw)
 
   monkeypatch.setattr(engine, "search_block", dying)
   with pytest.raises(KeyboardInterrupt):
-    _run(setup, workdir=str(tmp_path))
+    run()
   monkeypatch.setattr(engine, "search_block", real)
-  resumed = _run(setup, workdir=str(tmp_path), resume=True)
+  return run(resume=True)
+
+
+def test_kill_and_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
+  full = _run(setup)
+  resumed = _killed_then_resumed(monkeypatch, lambda **kw: _run(setup, workdir=str(tmp_path),
+                                                                **kw))
   assert resumed.candidates == full.candidates
   assert len(resumed.history) == len(full.history)
   for u, v in zip(jax.tree.leaves(full.qparams), jax.tree.leaves(resumed.qparams)):
@@ -213,20 +218,8 @@ def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
   tops = [h["holdout_top1"] for h in r2.holdout]
   assert tops[-1] == 100.0 and r2.selected_pass == tops.index(100.0)
   assert np.array_equal(_predict(params, r2.qparams, x), labels) or r2.selected_pass == 0
-  # Killed in pass 2, resumed: the same pick and the same QParams.
-  real, calls = engine.search_block, {"n": 0}
-
-  def dying(*args, **kw):
-    calls["n"] += 1
-    if calls["n"] == 3:  # pass 2, after pass 1 was scored
-      raise KeyboardInterrupt
-    return real(*args, **kw)
-
-  monkeypatch.setattr(engine, "search_block", dying)
-  with pytest.raises(KeyboardInterrupt):
-    run(labels, workdir=str(tmp_path))
-  monkeypatch.setattr(engine, "search_block", real)
-  r3 = run(labels, workdir=str(tmp_path), resume=True)
+  # Killed in pass 2 (after pass 1 was scored), resumed: the same pick and QParams.
+  r3 = _killed_then_resumed(monkeypatch, lambda **kw: run(labels, workdir=str(tmp_path), **kw))
   assert r3.selected_pass == r2.selected_pass and r3.holdout == r2.holdout
   for u, v in zip(jax.tree.leaves(r2.qparams), jax.tree.leaves(r3.qparams)):
     np.testing.assert_array_equal(u, v)
