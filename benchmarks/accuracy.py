@@ -213,9 +213,10 @@ def main():
   def setting_state(setting):  # the no-search baselines, once per setting
     if setting not in states:
       cs = _setting(c, setting)
-      # Cached across invocations (same config, same code): a resumed grid
-      # need not recalibrate. The key covers the config and the overrides.
-      key = hashlib.sha1(f"{cs.to_json()}|{args.holdout}".encode()).hexdigest()[:16]
+      # Cached across invocations of the same commit and config: a resumed
+      # grid need not recalibrate.
+      key = hashlib.sha1(f"{cs.to_json()}|{args.holdout}|{common['git_commit']}".encode())
+      key = key.hexdigest()[:16]
       cache = os.path.join(tempfile.gettempdir(), f"evolq_accuracy_{setting}_{key}.pkl")
       if os.path.exists(cache):
         with open(cache, "rb") as f:
