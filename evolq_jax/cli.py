@@ -89,7 +89,6 @@ def cmd_demo(args):
   c = base_config()
   c.quant.w_bits, c.quant.a_bits = 3, 8
   c.search.update(DEMO_SEARCH)
-  c.holdout.num_images = 2000
   apply_overrides(c, args.set)
   print("evolq demo: the bundled Fashion-MNIST ViT fixture at "
         f"W{c.quant.w_bits}A{c.quant.a_bits}: FQ-ViT calibration on {c.calib.num_images} "
