@@ -174,6 +174,16 @@ def test_idx_config_dict_and_unknown_split(tmp_path):
   assert x.shape == (3, 28, 28, 1) and y.shape == (3,)
   with pytest.raises(ValueError, match="validation"):
     load_split(data, "validation", get_preset(FIXTURE))
+  with pytest.raises(FileNotFoundError, match="only the bundled subset ships one"):
+    load_split(data, "holdout", get_preset(FIXTURE))
+
+
+def test_bundled_holdout_split_is_disjoint_from_calibration():
+  train, _ = load_split({"source": "bundled"}, "train", get_preset(FIXTURE))
+  held, labels = load_split({"source": "bundled"}, "holdout", get_preset(FIXTURE))
+  assert held.shape == (2000, 28, 28, 1) and set(np.unique(labels)) == set(range(10))
+  seen = {img.tobytes() for img in train}
+  assert not any(img.tobytes() in seen for img in held)
 
 
 # ---------------------------------------------------------------- image folder

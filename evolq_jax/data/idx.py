@@ -54,6 +54,12 @@ def load_idx_split(folder: str = FASHION_MNIST_DIR, split: str = "train"):
   if split not in SPLIT_PREFIX:
     raise ValueError(f"split={split!r} is unknown: expected one of {tuple(SPLIT_PREFIX)}.")
   prefix = SPLIT_PREFIX[split]
+  if split == "holdout" and not any(os.path.exists(os.path.join(folder, f"holdout-{k}"))
+                                    for k in ("images-idx3-ubyte", "images-idx3-ubyte.gz")):
+    raise FileNotFoundError(
+        f"{folder!r} has no 'holdout' split: only the bundled subset ships one. Elsewhere "
+        "set holdout.num_images=N and the pipeline takes N train images after the "
+        "calibration set.")
   images = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte"))
   labels = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte"))
   if images.ndim not in (3, 4) or labels.ndim != 1:
