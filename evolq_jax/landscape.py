@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolq_jax.losses import batched_loss, get_loss
-from evolq_jax.models.forward import model_for, quantize_params
+from evolq_jax.models.forward import quantize_params
 from evolq_jax.search import fitness
-from evolq_jax.search.space import LAYERS, SearchSpace, block_scales, set_block_scales
+from evolq_jax.search.space import LAYERS, SearchSpace, block_scales
 
 DIRECTIONS = ("random", "basis")
 MIN_FACTOR = 1e-2  # a scale must stay positive: factors 1 + a*d are floored here
@@ -99,12 +99,9 @@ def grid_population(scales, dirs, alphas):
 def _population_logits(cfg, qcfg, block, layout, chunk, population, params, fq_params, qparams,
                        tokens):
   """Logits (P, N, classes) of every candidate on cached prefix tokens (N, ...)."""
-  model = model_for(cfg, "quant", qcfg)
-
   def one(vec):
-    qp = set_block_scales(qparams, block, vec, layout)
-    p = fitness.requantize_block(qcfg, params, fq_params, qp, block, layout)
-    return model.apply({"params": p}, tokens, qp.acts, first_block=block)
+    return fitness.candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params,
+                                     qparams)(tokens)
 
   p = population.shape[0]
   return jax.lax.map(one, population, batch_size=min(chunk, p) if chunk > 0 else p)

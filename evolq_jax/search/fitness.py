@@ -74,12 +74,19 @@ def requantize_block(qcfg: QuantConfig, params, fq_params, qparams, block: int, 
   return out
 
 
-def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec, params,
-                   fq_params, qparams, tokens, fp_ref, ste=False):
-  """Loss of one candidate scale vector, from the cached prefix tokens."""
+def candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params, qparams, ste=False):
+  """-> fn(prefix tokens) -> logits of the model with block `block`'s searched
+  scales set to `vec` (its kernels re-quantized once, here)."""
   qp = set_block_scales(qparams, block, vec, layout)
   p = requantize_block(qcfg, params, fq_params, qp, block, layout, ste)
   model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
+  return lambda x: model.apply({"params": p}, x, qp.acts, first_block=block)
+
+
+def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec, params,
+                   fq_params, qparams, tokens, fp_ref, ste=False):
+  """Loss of one candidate scale vector, from the cached prefix tokens."""
+  forward = candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params, qparams, ste)
   loss_fn = get_loss(loss)
   n = tokens.shape[0] // loss_batch
   xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
@@ -87,8 +94,7 @@ def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec,
 
   def one_batch(args):
     x, k = args
-    q = model.apply({"params": p}, x, qp.acts, first_block=block)
-    return loss_fn(q, k, temperature)
+    return loss_fn(forward(x), k, temperature)
 
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 
