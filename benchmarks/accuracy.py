@@ -63,7 +63,7 @@ PLAN = [
     (("W8A8", "W4A4"), ()),
     (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search")),
     (("W4A8",), ("random-search",)),
-    (("W8A8", "W4A4"), ("evolq-infonce-from-best", "grad-adam")),
+    (("W8A8", "W4A4"), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
 ]
 CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
           ("W4A8", "evolq-infonce")}  # seed 0: top-1 after every block
