@@ -33,10 +33,11 @@ from common import RESULTS, git_commit, write_results
 
 from evolq_jax.baselines import clip_ratio
 from evolq_jax.calibrate import calibrate
-from evolq_jax.config import apply_overrides, base_config, load_config, quant_config
+from evolq_jax.config import (apply_overrides, base_config, load_config, quant_config,
+                              search_config)
 from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
-from evolq_jax.search import SearchConfig, calibration_fitness, reference_logits, search
+from evolq_jax.search import calibration_fitness, reference_logits, search
 
 # name: (where it starts, SearchConfig overrides). "reference" is the FQ-ViT
 # init with the config's observers; "best" the no-search baseline with the
@@ -70,7 +71,6 @@ PLAN = [
 CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
           ("W4A8", "evolq-infonce")}  # seed 0: top-1 after every block
 CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test images
-INFONCE = SearchConfig()  # the common yardstick: every run's infoNCE calibration loss
 
 
 def _setting(c, setting):
@@ -102,7 +102,7 @@ def baselines(ctx, c, setting):
     runs.append({"method": name, "seconds": time.time() - t, "extra": {}})
   t = time.time()
   qp, ratio, fits = clip_ratio(cfg, ref, params, starts[f"init-{ref.w_observer}"][1], calib,
-                               fp_ref, INFONCE)
+                               fp_ref, ctx["yardstick"])
   starts["clip-ratio"] = (ref, qp)
   runs.append({"method": "clip-ratio", "seconds": time.time() - t,
                "extra": {"ratio": ratio, "fitness_by_ratio": fits}})
@@ -110,7 +110,7 @@ def baselines(ctx, c, setting):
     qcfg, qp = starts[r["method"]]
     r.update({"setting": setting, "seed": None, "candidates_evaluated": 0,
               "calibration_fitness": calibration_fitness(cfg, qcfg, params, qp, calib, fp_ref,
-                                                         INFONCE),
+                                                         ctx["yardstick"]),
               "config": {"quant": dataclasses.asdict(qcfg)}, **_metrics(ctx, qcfg, qp)})
   best = min(runs, key=lambda r: r["calibration_fitness"])["method"]
   starts["reference"] = starts[f"init-{ref.w_observer}"]
@@ -123,7 +123,7 @@ def baselines(ctx, c, setting):
 def run_search(ctx, c, setting, method, seed, starts, best, budget):
   start, over = SEARCHES[method]
   over = {k: (budget["children"] if v == "children" else v) for k, v in over.items()}
-  scfg = dataclasses.replace(SearchConfig(**budget), **over)
+  scfg = dataclasses.replace(search_config(c), **budget, **over)
   qcfg, qp0 = starts[start]
   cfg, params = ctx["cfg"], ctx["params"]
   curve = []
@@ -131,7 +131,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget):
   if seed == 0 and (setting, method) in CURVES:
     curve.append({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
                   "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
-                                                 ctx["fp_ref"], INFONCE)})
+                                                 ctx["fp_ref"], ctx["yardstick"])})
 
     def on_block(qp, rec):
       curve.append({"candidates": rec["candidates"], "fitness": rec["fitness"],
@@ -142,7 +142,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget):
   last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
   return {"setting": setting, "method": method, "seed": seed,
           "calibration_fitness": calibration_fitness(cfg, qcfg, params, r.qparams, ctx["calib"],
-                                                     ctx["fp_ref"], INFONCE),
+                                                     ctx["fp_ref"], ctx["yardstick"]),
           **final, "candidates_evaluated": r.candidates,
           "seconds": r.seconds, "config": {"quant": dataclasses.asdict(qcfg),
                                            "search": dataclasses.asdict(scfg)},
@@ -205,7 +205,10 @@ def main():
   ctx = {"cfg": cfg, "params": params, "calib": data["calib"], "test": data["test"],
          "holdout": data.get("holdout"), "holdout_alpha": args.holdout_alpha,
          "fp": predict(cfg, params, data["test"][0]),
-         "fp_ref": reference_logits(cfg, params, data["calib"])}
+         "fp_ref": reference_logits(cfg, params, data["calib"]),
+         # the common yardstick: every run's calibration loss is infoNCE with
+         # the config's loss batch and temperature, whatever loss it searched
+         "yardstick": dataclasses.replace(search_config(c), loss="infonce")}
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
   done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
   common = {"git_commit": git_commit(), "config_file": args.config or "base_config()",

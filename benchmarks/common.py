@@ -5,7 +5,8 @@ import json
 import os
 import subprocess
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# EVOLQ_RESULTS redirects every script's output (the tests use it).
+RESULTS = os.environ.get("EVOLQ_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 
 
 def git_commit() -> str:

@@ -44,6 +44,14 @@ def get_loss(name: str):
   return {"infonce": info_nce, "mse": mse, "kl": kl, "cosine": cosine}[name]
 
 
+def loss_batches(rows: int, batch_size: int) -> int:
+  """How many whole loss batches `rows` calibration images make (at least one)."""
+  if rows < batch_size:
+    raise ValueError(f"search.loss_batch={batch_size} is more than the {rows} calibration "
+                     "images: lower search.loss_batch or raise calib.num_images.")
+  return rows // batch_size
+
+
 def batched_loss(name: str, q, k, batch_size: int, temperature: float = 3.0):
   """Mean of the loss over consecutive batches of `batch_size` rows.
 
@@ -51,7 +59,7 @@ def batched_loss(name: str, q, k, batch_size: int, temperature: float = 3.0):
   of the loss's definition (100 in the reference).
   """
   fn = get_loss(name)
-  n = q.shape[0] // batch_size
+  n = loss_batches(q.shape[0], batch_size)
   qb = q[:n * batch_size].reshape(n, batch_size, -1)
   kb = k[:n * batch_size].reshape(n, batch_size, -1)
   return jnp.mean(jax.vmap(lambda a, b: fn(a, b, temperature))(qb, kb))

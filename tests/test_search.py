@@ -102,6 +102,17 @@ def test_info_nce_definition():
                                                                            jnp.asarray(k)))
 
 
+def test_a_loss_batch_larger_than_the_calibration_set_is_a_clear_error(setup):
+  params, x, qparams, fp_ref = setup
+  with pytest.raises(ValueError, match=rf"search.loss_batch=100 is more than the {N} calib"):
+    batched_loss("infonce", fp_ref, fp_ref, 100)
+  vec0, layout = block_scales(qparams, 1, SearchConfig().space)
+  tokens = prefix_activations(CFG, QCFG, params, qparams, x, 1)
+  with pytest.raises(ValueError, match="lower search.loss_batch"):
+    population_fitness(CFG, QCFG, 1, layout, "infonce", 3.0, 100, 0, vec0[None], params,
+                       quantize_params(QCFG, params, qparams), qparams, tokens, fp_ref)
+
+
 def test_evolq_strategy_is_the_tournament():
   s = evolq(pool_size=4, tournament=3, children=2, radius=0.1)
   state = s.init(jax.random.key(0), jnp.ones(6), 5.0)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolq_jax.config import QuantConfig
-from evolq_jax.losses import get_loss
+from evolq_jax.losses import get_loss, loss_batches
 from evolq_jax.models.forward import fp_logits, model_for, quantize_params
 from evolq_jax.models.presets import ViTConfig
 from evolq_jax.quant.weights import quantize_kernel
@@ -88,7 +88,7 @@ def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec,
   """Loss of one candidate scale vector, from the cached prefix tokens."""
   forward = candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params, qparams, ste)
   loss_fn = get_loss(loss)
-  n = tokens.shape[0] // loss_batch
+  n = loss_batches(tokens.shape[0], loss_batch)
   xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
   ks = fp_ref[:n * loss_batch].reshape(n, loss_batch, -1)
 

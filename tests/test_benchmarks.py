@@ -1,0 +1,50 @@
+"""The accuracy grid script end to end, on a tiny budget and untrained weights."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["checkpoint='random'", "calib.num_images=40", "calib.batch_size=20", "eval.limit=100",
+         "eval.batch_size=50", "search.loss_batch=20"]
+FIELDS = ("setting", "method", "seed", "calibration_fitness", "test_top1", "test_top5",
+          "agreement_with_fp", "candidates_evaluated", "seconds", "git_commit", "config")
+
+
+def _grid(tmp_path, *extra):
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--settings", "W4A8",
+         "--only", "evolq-infonce", "grad-adam", "--seeds", "0", "--passes", "1",
+         "--generations", "1", "--children", "2", "--holdout", "30", "--name", "grid", *extra,
+         "--set", *SMALL]
+  out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "EVOLQ_RESULTS": str(tmp_path),
+                            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads((tmp_path / "grid.json").read_text())
+
+
+def test_accuracy_grid_records_every_field_and_resumes(tmp_path):
+  runs = _grid(tmp_path)["runs"]
+  by_method = {r["method"]: r for r in runs}
+  assert set(by_method) == {"init-minmax", "init-omse", "init-percentile",
+                            "init-minmax+bias-correction", "clip-ratio", "evolq-infonce",
+                            "grad-adam"}
+  for r in runs:
+    assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
+    assert r["setting"] == "W4A8" and 0 <= r["test_top1"] <= r["test_top5"] <= 100
+    assert r["config"]["quant"]["w_bits"] == 4 and r["config"]["quant"]["a_bits"] == 8
+  for m in ("evolq-infonce", "grad-adam"):
+    r = by_method[m]
+    assert r["seed"] == 0 and r["candidates_evaluated"] == 6 * (1 + 1 * 2)
+    assert r["config"]["search"]["strategy"] == ("evolq" if m == "evolq-infonce" else "adam")
+    # the budget curve: the start, then one point after every block
+    assert [p["candidates"] for p in r["extra"]["curve"]] == [0, 3, 6, 9, 12, 15, 18]
+  assert sum(r["extra"]["best_no_search_by_calibration"] for r in runs if r["seed"] is None) == 1
+  md = (tmp_path / "grid.md").read_text()
+  assert "## W4A8" in md and "| W4A8 | evolq-infonce (1) | grad-adam (1) |" in md
+  for png in ("grid_top1.png", "grid_budget_W4A8.png"):
+    assert (tmp_path / png).stat().st_size > 1000
+  # --resume: every cell is there, so nothing runs again
+  again = _grid(tmp_path, "--resume")["runs"]
+  assert [(r["method"], r["seed"], r["test_top1"]) for r in again] == \
+      [(r["method"], r["seed"], r["test_top1"]) for r in runs]
