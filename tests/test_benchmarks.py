@@ -16,9 +16,10 @@ def _grid(tmp_path, *extra):
          "--only", "evolq-infonce", "grad-adam", "--seeds", "0", "--passes", "1",
          "--generations", "1", "--children", "2", "--holdout", "30", "--name", "grid", *extra,
          "--set", *SMALL]
-  out = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "EVOLQ_RESULTS": str(tmp_path),
-                            "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])},
-                       capture_output=True, text=True, timeout=900)
+  env = {**os.environ, "EVOLQ_RESULTS": str(tmp_path),
+         "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+  out = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads((tmp_path / "grid.json").read_text())
 
