@@ -55,6 +55,8 @@ SEARCHES = {
     "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES", "population": "children"}),
     "snes": ("reference", {"strategy": "SNES", "population": "children"}),
     "evolq-infonce-attn+mlp": ("reference", {"layers": ("qkv", "proj", "fc1", "fc2")}),
+    # beyond the paper: the block's activation scales too (W4A4 loses most to them)
+    "evolq-infonce-acts": ("reference", {"acts": True}),
 }
 # Priority order of the grid: a run cut short still has the main comparisons.
 # A group with no methods only computes the settings' no-search baselines.
@@ -67,6 +69,7 @@ PLAN = [
                  "grad-adam-from-best")),
     (("W4A8",), ("random-search",)),
     (("W8A8", "W4A4"), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
+    (("W4A4",), ("evolq-infonce-acts",)),
 ]
 CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
           ("W4A8", "evolq-infonce")}  # seed 0: top-1 after every block
