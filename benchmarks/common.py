@@ -13,7 +13,10 @@ def git_commit() -> str:
   try:
     out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                          cwd=os.path.dirname(__file__), check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+    # The result files are what the scripts write as they go: changes there
+    # do not make the code that produced them uncommitted.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                            ":(top,exclude)benchmarks/results"],
                            capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
     return out + ("-dirty" if dirty.strip() else "")
   except (OSError, subprocess.CalledProcessError):
