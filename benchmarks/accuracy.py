@@ -73,7 +73,7 @@ PLAN = [
     (("W8A8", "W4A4"), ()),
     (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search",
                  "grad-adam-from-best")),
-    (("W4A8",), ("random-search",)),
+    (("W4A8",), ("grad-adam-from-best", "random-search")),
     (("W8A8", "W4A4"), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
     (("W4A4",), ("evolq-infonce-acts",)),
 ]
