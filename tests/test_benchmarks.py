@@ -13,7 +13,7 @@ FIELDS = ("setting", "method", "seed", "calibration_fitness", "test_top1", "test
 
 def _grid(tmp_path, *extra):
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--settings", "W4A8",
-         "--only", "evolq-infonce", "grad-adam", "--seeds", "0", "--passes", "1",
+         "--only", "evolq-infonce", "--seeds", "0", "--passes", "1",
          "--generations", "1", "--children", "2", "--holdout", "30", "--name", "grid", *extra,
          "--set", *SMALL]
   env = {**os.environ, "EVOLQ_RESULTS": str(tmp_path),
@@ -28,24 +28,42 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path):
   runs = _grid(tmp_path)["runs"]
   by_method = {r["method"]: r for r in runs}
   assert set(by_method) == {"init-minmax", "init-omse", "init-percentile",
-                            "init-minmax+bias-correction", "clip-ratio", "evolq-infonce",
-                            "grad-adam"}
+                            "init-minmax+bias-correction", "clip-ratio", "evolq-infonce"}
   for r in runs:
     assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
     assert r["setting"] == "W4A8" and 0 <= r["test_top1"] <= r["test_top5"] <= 100
     assert r["config"]["quant"]["w_bits"] == 4 and r["config"]["quant"]["a_bits"] == 8
-  for m in ("evolq-infonce", "grad-adam"):
-    r = by_method[m]
-    assert r["seed"] == 0 and r["candidates_evaluated"] == 6 * (1 + 1 * 2)
-    assert r["config"]["search"]["strategy"] == ("evolq" if m == "evolq-infonce" else "adam")
-    # the budget curve: the start, then one point after every block
-    assert [p["candidates"] for p in r["extra"]["curve"]] == [0, 3, 6, 9, 12, 15, 18]
+  r = by_method["evolq-infonce"]
+  assert r["seed"] == 0 and r["candidates_evaluated"] == 6 * (1 + 1 * 2)
+  assert r["config"]["search"]["strategy"] == "evolq"
+  assert r["config"]["search"]["loss_batch"] == 20  # the config's search settings reach it
+  # the budget curve: the start, then one point after every block
+  assert [p["candidates"] for p in r["extra"]["curve"]] == [0, 3, 6, 9, 12, 15, 18]
   assert sum(r["extra"]["best_no_search_by_calibration"] for r in runs if r["seed"] is None) == 1
   md = (tmp_path / "grid.md").read_text()
-  assert "## W4A8" in md and "| W4A8 | evolq-infonce (1) | grad-adam (1) |" in md
+  assert "## W4A8" in md and "| evolq-infonce | 1 |" in md and "## Targets" in md
   for png in ("grid_top1.png", "grid_budget_W4A8.png"):
     assert (tmp_path / png).stat().st_size > 1000
   # --resume: every cell is there, so nothing runs again
   again = _grid(tmp_path, "--resume")["runs"]
   assert [(r["method"], r["seed"], r["test_top1"]) for r in again] == \
       [(r["method"], r["seed"], r["test_top1"]) for r in runs]
+
+
+def test_targets_table_resolves_best_and_margins(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+
+  def run(method, top1, seed=0, best=False):
+    return {"method": method, "seed": seed, "test_top1": top1,
+            "extra": {"best_no_search_by_calibration": best}}
+  runs = [run("init-minmax", 88.0, None), run("init-bc", 89.0, None, best=True),
+          run("evolq-infonce-from-best", 89.5), run("evolq-infonce-from-best", 90.3, seed=1),
+          run("grad-adam", 90.0), run("grad-adam", 90.0, seed=1)]
+  groups = accuracy._group([{**r, "setting": "W3A8"} for r in runs])
+  rows = [l for l in accuracy._targets(groups) if l.startswith("| W3A8")]
+  # mean 89.9: not >= 89.0 + 1.0, but >= grad-adam's 90.0? no (-0.10); other targets lack runs
+  assert rows == [
+      "| W3A8 | evolq-infonce-from-best (2) | init-bc (-) | +1.0 | 89.90 | 89.00 | +0.90 | no |",
+      "| W3A8 | evolq-infonce-from-best (2) | grad-adam (2) | +0.0 | 89.90 | 90.00 | -0.10 | no |"]
+  assert accuracy._deterministic("grad-adam") and not accuracy._deterministic("sep-cma-es")
