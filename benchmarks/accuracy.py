@@ -291,6 +291,12 @@ def _ms(vals, fmt="{:.2f}"):
   return fmt.format(vals.mean()) + (f" ± {fmt.format(vals.std())}" if len(vals) > 1 else "")
 
 
+def _best(groups, setting):
+  """The setting's no-search baseline with the lowest calibration loss (None: not run)."""
+  return next((m for (st, m), rs in groups.items() if st == setting
+               and rs[0].get("extra", {}).get("best_no_search_by_calibration")), None)
+
+
 def _start_top1(groups, run):
   """Test top-1 of the no-search baseline a search started from."""
   start = run["extra"]["start"]
@@ -316,10 +322,8 @@ def report(payload, name="accuracy"):
            "the search ended with. Commits: "
            + ", ".join(sorted({r['git_commit'][:12] for r in runs})) + ".", ""]
   for s in settings:
-    best = [m for (st, m), rs in groups.items() if st == s
-            and rs[0].get("extra", {}).get("best_no_search_by_calibration")]
     lines += [f"## {s}", "", f"Best no-search baseline by calibration loss: "
-              f"`{best[0] if best else '?'}`.", "",
+              f"`{_best(groups, s) or '?'}`.", "",
               "| method | seeds | calib | test top-1 | gain vs its start (worst seed) | "
               "last pass top-1 | top-5 | agreement | candidates | s / run |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -374,8 +378,7 @@ def _targets(groups):
            "|---|---|---|---|---|---|---|---|"]
   for s, m, other, margin in TARGETS:
     if other == "best":
-      other = next((om for (st, om), rs in groups.items() if st == s
-                    and rs[0].get("extra", {}).get("best_no_search_by_calibration")), None)
+      other = _best(groups, s)
     a, b = groups.get((s, m)), groups.get((s, other))
     if not a or not b:
       continue
