@@ -18,7 +18,7 @@ def _config(args):
 
 def cmd_train(args):
   from evolq_jax.train import train
-  summary = train(_config(args), args.workdir)
+  summary = train(_config(args), args.workdir, resume=args.resume)
   print(f"final test top-1 {summary['test_top1']:.2f}% after {summary['epochs']} epochs "
         f"({summary['seconds']:.0f} s); params in {args.workdir}/params.safetensors")
 
@@ -141,7 +141,7 @@ def build_parser():
     s.set_defaults(fn=fn)
     return s
 
-  add("train", cmd_train, "train a model from scratch (the fixture recipe)")
+  add("train", cmd_train, "train a model from scratch (the fixtures' recipes)", resume=True)
   add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json")
   add("search", cmd_search, "calibrate + Evol-Q search + evaluate; writes summary.json, "
       "history.jsonl, fitness.png", resume=True)

@@ -1,8 +1,11 @@
-"""Train a model from scratch (used to make the bundled Fashion-MNIST fixture).
+"""Train a model from scratch (used to make the bundled fixtures).
 
-AdamW with linear warm-up and cosine decay, random-crop (pad 2) + horizontal
-flip augmentation. The last epoch's params are kept: no checkpoint is picked
-on the test set, which is only reported.
+AdamW with linear warm-up and cosine decay, random-crop (zero padding `pad`)
++ horizontal flip augmentation, optional label smoothing. The last epoch's
+params are kept: no checkpoint is picked on the test set, which is only
+reported. The whole training state (params, optimizer, both random streams,
+the per-epoch record) is written after every epoch, so a killed run continues
+with `resume=True` exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -14,36 +17,38 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from tqdm.auto import tqdm
 
 from evolq_jax.data import load_split
 from evolq_jax.models import VisionTransformer, get_preset
 from evolq_jax.models.checkpoint import load_params, save_params
 
-PAD = 2
+STATE_FILE, RECORD_FILE = "train_state.msgpack", "train_record.json"
 
 
-def _augment(key, images):
-  """Random crop after zero padding by PAD, and random horizontal flip."""
+def _augment(key, images, pad: int):
+  """Random crop after zero padding by `pad`, and random horizontal flip."""
   n, h, w, _ = images.shape
-  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   k1, k2 = jax.random.split(key)
-  offs = jax.random.randint(k1, (n, 2), 0, 2 * PAD + 1)
+  offs = jax.random.randint(k1, (n, 2), 0, 2 * pad + 1)
   crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))
   out = crop(padded, offs)
   flip = jax.random.bernoulli(k2, 0.5, (n, 1, 1, 1))
   return jnp.where(flip, out[:, :, ::-1], out)
 
 
-def make_steps(model, tx, augment: bool):
+def make_steps(model, tx, augment: bool, pad: int = 2, label_smoothing: float = 0.0):
   def loss_fn(params, images, labels):
     logits = model.apply({"params": params}, images)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
 
   @jax.jit
   def train_step(params, opt_state, key, images, labels):
     if augment:
-      images = _augment(key, images)
+      images = _augment(key, images, pad)
     loss, grads = jax.value_and_grad(loss_fn)(params, images, labels)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -61,7 +66,40 @@ def accuracy(predict, params, images, labels, batch_size=1000) -> float:
   return 100.0 * hits / len(images)
 
 
-def train(config, workdir: str) -> dict:
+def _write_atomic(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _save_state(workdir, params, opt_state, key, rng, history, recipe):
+  """Everything a resumed run needs; the record is written last and names the epoch."""
+  state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
+  _write_atomic(os.path.join(workdir, STATE_FILE), serialization.to_bytes(state))
+  record = {"epoch": len(history), "recipe": recipe, "rng": rng.bit_generator.state,
+            "history": history}
+  _write_atomic(os.path.join(workdir, RECORD_FILE), json.dumps(record, indent=1).encode())
+
+
+def _load_state(workdir, template, recipe):
+  """-> (params, opt_state, key, rng, history) of the last finished epoch."""
+  with open(os.path.join(workdir, RECORD_FILE)) as f:
+    record = json.load(f)
+  if record["recipe"] != recipe:
+    diff = sorted(k for k in set(recipe) | set(record["recipe"])
+                  if recipe.get(k) != record["recipe"].get(k))
+    raise ValueError(f"cannot resume training in {workdir!r}: its recipe differs in {diff}. "
+                     "Use the same config, or another --workdir.")
+  with open(os.path.join(workdir, STATE_FILE), "rb") as f:
+    state = serialization.from_bytes(template, f.read())
+  rng = np.random.default_rng()
+  rng.bit_generator.state = record["rng"]
+  return (state["params"], state["opt_state"], jax.random.wrap_key_data(state["key"]), rng,
+          record["history"])
+
+
+def train(config, workdir: str, resume: bool = False) -> dict:
   cfg = get_preset(config.model)
   t = config.train
   x_train, y_train = load_split(config.data, "train", cfg)
@@ -82,11 +120,22 @@ def train(config, workdir: str) -> dict:
   tx = optax.chain(optax.clip_by_global_norm(t.clip),
                    optax.adamw(schedule, weight_decay=t.weight_decay))
   opt_state = tx.init(params)
-  train_step, predict = make_steps(model, tx, t.augment)
+  train_step, predict = make_steps(model, tx, t.augment, t.get("pad", 2),
+                                   t.get("label_smoothing", 0.0))
   rng = np.random.default_rng(t.seed)
+  recipe = {"model": cfg.name, **t.to_dict(), "train_images": len(x_train)}
+  history = []
   os.makedirs(workdir, exist_ok=True)
-  history, start = [], time.time()
-  for epoch in range(t.epochs):
+  if resume and os.path.exists(os.path.join(workdir, RECORD_FILE)):
+    params, opt_state, key, rng, history = _load_state(
+        workdir, {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)},
+        recipe)
+    print(f"resuming {workdir!r} after epoch {len(history)}", flush=True)
+  elif os.path.exists(os.path.join(workdir, RECORD_FILE)):
+    raise ValueError(f"{workdir!r} holds a training run: pass --resume to continue it, or "
+                     "choose another --workdir.")
+  start = time.time() - (history[-1]["seconds"] if history else 0.0)
+  for epoch in range(len(history), t.epochs):
     order = rng.permutation(len(x_train))
     losses = []
     for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{t.epochs}", leave=False):
@@ -102,6 +151,7 @@ def train(config, workdir: str) -> dict:
     print(json.dumps(rec), flush=True)
     save_params(os.path.join(workdir, "params.safetensors"), params,
                 {"model": cfg.name, "epoch": epoch + 1})
+    _save_state(workdir, params, opt_state, key, rng, history, recipe)
   summary = {"model": cfg.name, "epochs": t.epochs, "test_top1": history[-1]["test_top1"],
              "seconds": history[-1]["seconds"], "recipe": t.to_dict(), "history": history}
   with open(os.path.join(workdir, "train_summary.json"), "w") as f:

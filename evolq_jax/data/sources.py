@@ -7,6 +7,8 @@ int32). `data` is a ConfigDict / mapping with `source` and source options:
                 train images + 10,000 test)
   image_folder: dir, with one sub-folder per split holding one folder per class
   tfds:         name (e.g. imagenet2012), data_dir, split names
+  cifar10:      dir = path of cifar10_jpeg.tar.gz (default: ../shared/data beside the
+                repo); decoded once into a uint8 cache outside the repo
 and optionally `limit` (keep the first N after an optional seeded shuffle).
 """
 from __future__ import annotations
@@ -15,11 +17,12 @@ import os
 
 import numpy as np
 
+from evolq_jax.data.cifar10 import load_cifar10
 from evolq_jax.data.idx import FASHION_MNIST_DIR, load_idx_split
 from evolq_jax.data.transforms import normalize, preprocess_pil
 
 BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
-SOURCES = ("idx", "bundled", "image_folder", "tfds")
+SOURCES = ("idx", "bundled", "image_folder", "tfds", "cifar10")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # matched case-insensitively
 
 
@@ -124,4 +127,7 @@ def load_split(data, split: str, model_cfg, limit: int | None = None, seed: int 
     return _image_folder(_get(data, "dir"), folder_split, model_cfg, limit, seed)
   if source == "tfds":
     return _tfds(data, split, model_cfg, limit, seed)
+  if source == "cifar10":
+    return _from_uint8(*load_cifar10(split, _get(data, "dir") or ""), model_cfg, "CIFAR-10",
+                       limit, seed)
   raise ValueError(f"data.source={source!r} is unknown: expected one of {SOURCES}.")

@@ -9,6 +9,8 @@ FAMILY_TRANSFORMS = {
     "deit": dict(crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
     "vit": dict(crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
     "fixture": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.2860,), std=(0.3530,)),
+    "cifar10": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2470, 0.2435, 0.2616)),
 }
 
 
@@ -54,6 +56,9 @@ PRESETS = {c.name: c for c in [
     # The fixture: a DeiT-style ViT for 28x28 grayscale (Fashion-MNIST).
     ViTConfig("vit_fixture_patch4_28", img_size=28, patch_size=4, in_chans=1,
               num_classes=10, embed_dim=96, depth=6, num_heads=4, family="fixture"),
+    # The second fixture: a DeiT-style ViT for 32x32 RGB (CIFAR-10).
+    ViTConfig("vit_cifar10_patch4_32", img_size=32, patch_size=4, in_chans=3,
+              num_classes=10, embed_dim=128, depth=6, num_heads=4, family="cifar10"),
 ]}
 
 
