@@ -43,7 +43,7 @@ from evolq_jax.config import (
 from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import calibration_fitness, reference_logits, search
-from evolq_jax.search.gradient import GRADIENT_METHODS
+from evolq_jax.search.strategies import EVOSAX, GRADIENT
 
 # name: (where it starts, SearchConfig overrides). "reference" is the FQ-ViT
 # init with the config's observers; "best" the no-search baseline with the
@@ -58,8 +58,8 @@ SEARCHES = {
     "evolq-kl": ("reference", {"loss": "kl"}),
     "evolq-cosine": ("reference", {"loss": "cosine"}),
     "grad-sgd": ("reference", {"strategy": "sgd"}),
-    "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES", "population": "children"}),
-    "snes": ("reference", {"strategy": "SNES", "population": "children"}),
+    "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES"}),
+    "snes": ("reference", {"strategy": "SNES"}),
     "evolq-infonce-attn+mlp": ("reference", {"layers": ("qkv", "proj", "fc1", "fc2")}),
     # beyond the paper: the block's activation scales too (W4A4 loses most to them)
     "evolq-infonce-acts": ("reference", {"acts": True}),
@@ -84,7 +84,7 @@ CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test i
 
 def _setting(c, setting):
   c = c.copy_and_resolve_references()
-  c.quant.w_bits, c.quant.a_bits = int(setting[1]), int(setting[3])
+  c.quant.w_bits, c.quant.a_bits = parse_bits(setting)
   return c
 
 
@@ -132,13 +132,25 @@ def baselines(ctx, c, setting):
 def _deterministic(method):
   """Gradient runs draw nothing at random: every seed gives the same result
   (measured: W3A8 grad-adam seed 1 equals seed 0 bit for bit), so one runs."""
-  return SEARCHES[method][1].get("strategy") in GRADIENT_METHODS
+  return SEARCHES[method][1].get("strategy") in GRADIENT
+
+
+def family_budget(method, budget):
+  """The grid's budget (passes x generations x children evaluations per unit)
+  in the method family's own settings: evosax's lambda = children, a gradient
+  method takes generations x children steps (one evaluation each)."""
+  strategy = SEARCHES[method][1].get("strategy", "evolq")
+  if strategy in GRADIENT:
+    return dict(passes=budget["passes"], generations=budget["generations"] * budget["children"])
+  if strategy in EVOSAX:
+    return dict(passes=budget["passes"], generations=budget["generations"],
+                popsize=budget["children"])
+  return dict(budget)
 
 
 def run_search(ctx, c, setting, method, seed, starts, best, budget):
   start, over = SEARCHES[method]
-  over = {k: (budget["children"] if v == "children" else v) for k, v in over.items()}
-  scfg = dataclasses.replace(search_config(c), **budget, **over)
+  scfg = dataclasses.replace(search_config(c), **family_budget(method, budget), **over)
   qcfg, qp0 = starts[start]
   cfg, params = ctx["cfg"], ctx["params"]
   curve = []

@@ -42,7 +42,7 @@ def main():
   scfg = SearchConfig(passes=args.passes, generations=args.generations, children=args.children)
   runs = []
   for setting in args.settings:
-    w, a = int(setting[1]), int(setting[3])
+    w, a = parse_bits(setting)
     qcfg = QuantConfig(w_bits=w, a_bits=a)
     qp0 = calibrate(cfg, qcfg, params, data["calib"], progress=False)
     init = classification_metrics(predict(cfg, params, x, qcfg, qp0), y, fp)

@@ -41,13 +41,13 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.losses import get_loss
 from evolq_jax.models import get_preset, init_params, quantize_params, quantized_logits
 from evolq_jax.search import (
-  block_scales,
+  SearchConfig,
   population_fitness,
   prefix_activations,
-  set_block_scales,
+  searched_scales,
+  set_scales,
 )
 from evolq_jax.search import fitness as fit_mod
-from evolq_jax.search.engine import SearchConfig
 from evolq_jax.search.fitness import reference_logits
 
 QCFG = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
@@ -135,7 +135,7 @@ def full_loss_fn(cfg, block, layout, loss_batch):
     n = images.shape[0] // loss_batch
     xs = images[:n * loss_batch].reshape((n, loss_batch) + images.shape[1:])
     ks = fp_ref[:n * loss_batch].reshape(n, loss_batch, -1)
-    qp = set_block_scales(qparams, block, vec, layout)
+    qp = set_scales(qparams, vec, layout)
     return jnp.mean(jax.lax.map(
         lambda a: loss(quantized_logits(cfg, QCFG, params, qp, a[0]), a[1], TEMPERATURE),
         (xs, ks)))
@@ -183,7 +183,7 @@ def run_jax_modes(cfg, n_images, pop_size, seq, loss_batch, memory_mb, chunk_opt
   # (a), (b) perturb block 0: with a later block, XLA hoists the blocks before it out of
   # (b)'s jitted population loop (loop-invariant code motion, prefix caching by itself)
   first = 0
-  vec0, layout = block_scales(qparams, first, scfg.space)
+  vec0, layout = searched_scales(cfg, QCFG, qparams, first, scfg.space)
   pop = population(vec0, pop_size, 0)
   full_flops = forward_flops(cfg) * n_images
 
@@ -243,7 +243,7 @@ def run_jax_modes(cfg, n_images, pop_size, seq, loss_batch, memory_mb, chunk_opt
       prefix_s = time.perf_counter() - t
       if low:
         tokens = tokens.astype(jnp.bfloat16)
-      v0, lay = block_scales(qparams, b, scfg.space)
+      v0, lay = searched_scales(cfg, QCFG, qparams, b, scfg.space)
       pb = population(v0, pop_size, b)
       args_ = (p_, fq_, qp_, tokens, fp_ref)
       static = (cfg, QCFG, b, lay, "infonce", TEMPERATURE, loss_batch)
@@ -453,7 +453,7 @@ def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
   scfg = SearchConfig(loss_batch=loss_batch)
   tokens = prefix_activations(cfg, QCFG, ctx["params"], ctx["qparams"], ctx["images"], block,
                               loss_batch)
-  v0, lay = block_scales(ctx["qparams"], block, scfg.space)
+  v0, lay = searched_scales(cfg, QCFG, ctx["qparams"], block, scfg.space)
   pb = population(v0, pop_size, block)
   args_ = (ctx["params"], ctx["fq"], ctx["qparams"], tokens, ctx["fp_ref"])
   static = (cfg, QCFG, block, lay, "infonce", TEMPERATURE, loss_batch)

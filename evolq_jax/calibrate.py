@@ -12,45 +12,42 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from evolq_jax.config import QuantConfig
-from evolq_jax.models.forward import calibration_stats
-from evolq_jax.models.presets import ViTConfig
-from evolq_jax.models.vit import RESIDUAL_POINTS
+from evolq_jax.models.forward import act_rules, calibration_stats
 from evolq_jax.qparams import QParams, non_finite_paths
 from evolq_jax.quant import observers
 from evolq_jax.quant.ptf import ptf_qparams
+from evolq_jax.quant.recipe import QuantConfig, observer_of, rule_for
 from evolq_jax.quant.weights import calibrate_weights
 
 
-def _point_name(path) -> str:
-  return path[-1].key
-
-
-def _is_ptf(qcfg: QuantConfig, path) -> bool:
-  return qcfg.ptf and _point_name(path) in RESIDUAL_POINTS
+def _rule(cfg, qcfg: QuantConfig, path):
+  """The recipe's rule for a stats-tree path (the point's module path + name)."""
+  return rule_for(act_rules(cfg, qcfg), "/".join(k.key for k in path))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _fold_batch(cfg: ViTConfig, qcfg: QuantConfig, params, states, images):
+def _fold_batch(cfg, qcfg: QuantConfig, params, states, images):
   _, stats = calibration_stats(cfg, params, images)
 
   def fold(path, x, state):
-    name = "minmax" if _is_ptf(qcfg, path) else qcfg.a_observer
-    return observers.update(name, state, x, channelwise=_is_ptf(qcfg, path))
+    rule = _rule(cfg, qcfg, path)
+    return observers.update(observer_of(rule, qcfg), state, x,
+                            channelwise=rule.quantizer == "ptf")
 
   return jax.tree_util.tree_map_with_path(fold, stats["stats"], states)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _finalize(cfg: ViTConfig, qcfg: QuantConfig, params, states, last_images):
+def _finalize(cfg, qcfg: QuantConfig, params, states, last_images):
   _, stats = calibration_stats(cfg, params, last_images)
   spec = qcfg.a_spec
 
   def final(path, x, state):
-    if _is_ptf(qcfg, path):
+    rule = _rule(cfg, qcfg, path)
+    if rule.quantizer == "ptf":
       scale, zp = ptf_qparams(state["min"], state["max"], x, spec)
     else:
-      scale, zp = observers.finalize(qcfg.a_observer, state, x, spec)
+      scale, zp = observers.finalize(observer_of(rule, qcfg), state, x, spec)
     return {"scale": scale, "zero_point": zp}
 
   return jax.tree_util.tree_map_with_path(final, stats["stats"], states)
@@ -59,11 +56,11 @@ def _finalize(cfg: ViTConfig, qcfg: QuantConfig, params, states, last_images):
 def _init_states(cfg, qcfg, params, images):
   shapes = jax.eval_shape(lambda: calibration_stats(cfg, params, images)[1]["stats"])
   return jax.tree_util.tree_map_with_path(
-      lambda path, s: observers.init_state(s.shape[-1:] if _is_ptf(qcfg, path) else ()),
-      shapes)
+      lambda path, s: observers.init_state(
+          s.shape[-1:] if _rule(cfg, qcfg, path).quantizer == "ptf" else ()), shapes)
 
 
-def calibrate(cfg: ViTConfig, qcfg: QuantConfig, params, images, batch_size: int = 100,
+def calibrate(cfg, qcfg: QuantConfig, params, images, batch_size: int = 100,
               progress: bool = True) -> QParams:
   """FQ-ViT initialization of every scale and zero point.
 

@@ -1,56 +1,12 @@
-"""Static configuration: the quantization recipe (hashable, lives outside pytrees)."""
+"""Run configuration (ml_collections): every option of a run with its
+default, generated from the dataclasses that own them (QuantConfig,
+SearchConfig), config files and `--set` overrides."""
 from __future__ import annotations
 
 import dataclasses
 
-from evolq_jax.quant.bits import BitSpec
-from evolq_jax.quant.observers import check_observer
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-  """How the model is fully quantized (FQ-ViT layout).
-
-  w_bits: weight bits of every linear layer (per output channel, uniform).
-  a_bits: activation bits (per tensor, uniform; PTF per channel on LN inputs).
-  w_observer / a_observer: minmax | ema | percentile | omse.
-  ptf: Power-of-Two Factor on the residual stream (LayerNorm inputs).
-  log2_softmax: attention probabilities through the log2 quantizer at
-    `prob_bits` instead of a_bits uniform.
-  bias_correction: match per-channel mean/std of quantized weights.
-  """
-  w_bits: int = 8
-  a_bits: int = 8
-  w_observer: str = "minmax"
-  a_observer: str = "omse"
-  ptf: bool = True
-  log2_softmax: bool = False
-  prob_bits: int = 4
-  bias_correction: bool = False
-  w_signed: bool = False
-
-  def __post_init__(self):
-    # Building the specs validates the bit widths with a clear message.
-    self.w_spec, self.a_spec, self.prob_spec  # noqa: B018
-    check_observer(self.w_observer, "w_observer")
-    check_observer(self.a_observer, "a_observer")
-
-  @property
-  def w_spec(self) -> BitSpec:
-    return BitSpec(self.w_bits, signed=self.w_signed)
-
-  @property
-  def a_spec(self) -> BitSpec:
-    return BitSpec(self.a_bits)
-
-  @property
-  def prob_spec(self) -> BitSpec:
-    return BitSpec(self.prob_bits)
-
-  @property
-  def name(self) -> str:
-    return f"W{self.w_bits}A{self.a_bits}"
-
+from evolq_jax.quant.recipe import QuantConfig, parse_bits
+from evolq_jax.search.settings import RENAMED, SearchConfig
 
 # --- Run configuration (ml_collections) ------------------------------------
 
@@ -69,26 +25,24 @@ def base_config():
   # A pass replaces the init only if a one-sided sign test on the images they
   # disagree on gives p < alpha (1.0 = no test).
   c.holdout = ml_collections.ConfigDict(dict(num_images=0, alpha=0.05))
-  q = QuantConfig()
-  c.quant = ml_collections.ConfigDict(dict(
-      w_bits=q.w_bits, a_bits=q.a_bits, w_observer=q.w_observer, a_observer=q.a_observer,
-      ptf=q.ptf, log2_softmax=q.log2_softmax, prob_bits=q.prob_bits,
-      bias_correction=q.bias_correction))
+  c.quant = _defaults(QuantConfig)
   c.eval = ml_collections.ConfigDict(dict(batch_size=500, limit=0))
-  from evolq_jax.search.engine import SearchConfig
-  s = SearchConfig()
-  c.search = ml_collections.ConfigDict(
-      {f.name: getattr(s, f.name) for f in dataclasses.fields(SearchConfig)})
+  c.search = _defaults(SearchConfig)
   c.seed = 0
   return c
+
+
+def _defaults(cls):
+  """A dataclass's fields and defaults as a ConfigDict (one source of truth)."""
+  import ml_collections
+  return ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(cls)})
 
 
 def quant_config(c) -> QuantConfig:
   return QuantConfig(**c.quant.to_dict())
 
 
-def search_config(c):
-  from evolq_jax.search.engine import SearchConfig
+def search_config(c) -> SearchConfig:
   return SearchConfig(**c.search.to_dict())
 
 
@@ -128,6 +82,9 @@ def apply_overrides(c, overrides):
         raise ValueError(f"--set {item!r}: no config field {key!r}.")
       node = node[p]
     if parts[-1] not in node:
+      if parts[0] == "search" and parts[-1] in RENAMED:
+        raise ValueError(f"--set {item!r}: search.{parts[-1]} was renamed: use "
+                         f"{RENAMED[parts[-1]]}.")
       raise ValueError(f"--set {item!r}: no config field {key!r}; known here: "
                        f"{sorted(node.keys())}.")
     try:
@@ -140,13 +97,10 @@ def apply_overrides(c, overrides):
 
 def bits_config(setting: str, model: str, **overrides):
   """base_config() for `model` at a setting like 'W4A8'; overrides are dotted keys."""
-  import re
-  m = re.fullmatch(r"[Ww](\d)[Aa](\d)", setting or "")
-  if not m:
-    raise ValueError(f"bit setting {setting!r} is not of the form W<bits>A<bits>, e.g. W4A8.")
+  w_bits, a_bits = parse_bits(setting)
   c = base_config()
   c.model = model
-  c.quant.w_bits, c.quant.a_bits = int(m.group(1)), int(m.group(2))
+  c.quant.w_bits, c.quant.a_bits = w_bits, a_bits
   return apply_overrides(c, [f"{k}={v!r}" for k, v in overrides.items()])
 
 

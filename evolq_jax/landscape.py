@@ -22,24 +22,34 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolq_jax.losses import batched_loss, get_loss
-from evolq_jax.models.forward import quantize_params
+from evolq_jax.models.forward import quantize_params, units
 from evolq_jax.search import fitness
-from evolq_jax.search.space import LAYERS, SearchSpace, block_scales
+from evolq_jax.search.space import SearchSpace, unit_scales
 
 DIRECTIONS = ("random", "basis")
 MIN_FACTOR = 1e-2  # a scale must stay positive: factors 1 + a*d are floored here
 
 
 def check_target(cfg, layer: str, block: int | None) -> int:
-  """Validate the layer name and block index; -> the block (None: the last one)."""
-  if layer not in LAYERS:
-    raise ValueError(f"layer {layer!r} is unknown: expected one of {tuple(LAYERS)} "
-                     "(attention: qkv, proj; MLP: fc1, fc2).")
-  block = cfg.depth - 1 if block is None else block
-  if not 0 <= block < cfg.depth:
-    raise ValueError(f"block {block} is out of range: model {cfg.name!r} has blocks "
-                     f"0..{cfg.depth - 1}.")
+  """Validate the unit index and the layer name; -> the unit (None: the last one)."""
+  us = units(cfg)
+  block = len(us) - 1 if block is None else block
+  if not 0 <= block < len(us):
+    raise ValueError(f"block {block} is out of range: model {cfg.name!r} has searchable units "
+                     f"0..{len(us) - 1}.")
+  names = [l.name for l in us[block].layers]
+  if layer not in names:
+    raise ValueError(f"layer {layer!r} is unknown in unit {block} of {cfg.name!r}: expected one "
+                     f"of {names}.")
   return block
+
+
+def layer_channels(cfg, params, layer: str, block: int) -> int:
+  """Output channels of one unit's layer (the length of its scale vector)."""
+  path = next(l.path for l in units(cfg)[block].layers if l.name == layer)
+  for k in path:
+    params = params[k]
+  return params["kernel"].shape[-1]
 
 
 def check_grid(direction: str, dims: int, points: int, span: float, channels=None,
@@ -146,7 +156,7 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
   if len(calib_images) < loss_batch:
     raise ValueError(f"{len(calib_images)} calibration images are fewer than one loss batch "
                      f"of {loss_batch}.")
-  scales, layout = block_scales(qparams, block, SearchSpace((layer,)))
+  scales, layout = unit_scales(qparams, units(cfg)[block], SearchSpace((layer,)))
   dirs = make_directions(direction, scales.shape[0], dims, jax.random.key(seed), channels)
   alphas = np.linspace(-span, span, points)
   population, _ = grid_population(scales, dirs, alphas)
@@ -290,9 +300,7 @@ def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: i
   qcfg, scfg = quant_config(c), search_config(c)
   cfg, params = load_model(c)
   b = check_target(cfg, layer, block)  # fail before the slow steps
-  sub, name = LAYERS[layer]
-  check_grid(direction, dims, points, span, channels,
-             params[f"blocks_{b}"][sub][name]["kernel"].shape[-1])
+  check_grid(direction, dims, points, span, channels, layer_channels(cfg, params, layer, b))
   calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
   test = load_split(c.data, "test", cfg, limit=test_limit) if test_limit else None
   qparams = calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress)

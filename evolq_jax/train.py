@@ -21,7 +21,7 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from evolq_jax.data import load_split
-from evolq_jax.models import VisionTransformer, get_preset
+from evolq_jax.models import get_preset, model_for
 from evolq_jax.models.checkpoint import load_params, save_params
 
 STATE_FILE, RECORD_FILE = "train_state.msgpack", "train_record.json"
@@ -104,7 +104,7 @@ def train(config, workdir: str, resume: bool = False) -> dict:
   t = config.train
   x_train, y_train = load_split(config.data, "train", cfg)
   x_test, y_test = load_split(config.data, "test", cfg)
-  model = VisionTransformer(config=cfg)
+  model = model_for(cfg)
   key = jax.random.key(t.seed)
   key, init_key = jax.random.split(key)
   params = model.init(init_key, jnp.asarray(x_train[:1]))["params"]

@@ -14,7 +14,8 @@ from PIL import Image
 
 from evolq_jax.data import load_split
 from evolq_jax.data.transforms import resize_center_crop
-from evolq_jax.models.presets import FAMILY_TRANSFORMS, get_preset
+from evolq_jax.models import get_preset
+from evolq_jax.models.interface import TRANSFORMS as FAMILY_TRANSFORMS
 
 FIXTURE = "vit_fixture_patch4_28"
 

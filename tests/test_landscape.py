@@ -21,7 +21,7 @@ from evolq_jax.landscape import (
 )
 from evolq_jax.models import get_preset, init_params, quantized_logits
 from evolq_jax.search import SearchConfig, calibration_fitness, reference_logits
-from evolq_jax.search.space import SearchSpace, block_scales
+from evolq_jax.search.space import SearchSpace, searched_scales
 
 CFG = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2)
 QCFG = QuantConfig(w_bits=3, a_bits=8)
@@ -74,7 +74,7 @@ def test_top1_at_zero_is_the_quantized_models_top1(setup):
 
 def test_basis_direction_perturbs_one_channel_only(setup):
   qparams = setup[3]
-  scales, _ = block_scales(qparams, 1, SearchSpace(("qkv",)))
+  scales, _ = searched_scales(CFG, QCFG, qparams, 1, SearchSpace(("qkv",)))
   dirs = make_directions("basis", scales.shape[0], 1, channels=(7,))
   pop, _coeffs = grid_population(scales, dirs, [-0.1, 0.0, 0.3])
   pop, scales = np.asarray(pop), np.asarray(scales)
@@ -152,9 +152,10 @@ def test_command_writes_png_and_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--layer", "mlp"], "layer 'mlp' is unknown: expected one of ('qkv', 'proj', 'fc1', 'fc2')"),
+    (["--layer", "mlp"], ("layer 'mlp' is unknown in unit 5 of 'vit_fixture_patch4_28': expected "
+                          "one of ['qkv', 'proj', 'fc1', 'fc2']")),
     (["--layer", "qkv", "--block", "6"], ("block 6 is out of range: model 'vit_fixture_patch4_28' "
-     "has blocks 0..5")),
+     "has searchable units 0..5")),
     (["--layer", "qkv", "--direction", "basis", "--dims", "2", "--channel", "3", "3"],
      "expected 2 distinct channel indices"),
     (["--layer", "proj", "--direction", "basis", "--channel", "96"], "channel 96 is out of range"),

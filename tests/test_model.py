@@ -64,12 +64,12 @@ def test_quant_mode_changes_outputs_and_8bit_is_closer_than_4bit(setup):
 @pytest.mark.parametrize("split", [1, 2])
 def test_prefix_and_suffix_compose_to_the_full_forward(setup, split):
   params, x, qcfg, qparams = setup
-  tokens = fp_logits(CFG, params, x, last_block=split)
+  tokens = fp_logits(CFG, params, x, last_unit=split)
   assert tokens.shape == (40, 50, 96)
-  np.testing.assert_allclose(fp_logits(CFG, params, tokens, first_block=split),
+  np.testing.assert_allclose(fp_logits(CFG, params, tokens, first_unit=split),
                              fp_logits(CFG, params, x), atol=1e-5)
-  qt = quantized_logits(CFG, qcfg, params, qparams, x, last_block=split)
-  np.testing.assert_allclose(quantized_logits(CFG, qcfg, params, qparams, qt, first_block=split),
+  qt = quantized_logits(CFG, qcfg, params, qparams, x, last_unit=split)
+  np.testing.assert_allclose(quantized_logits(CFG, qcfg, params, qparams, qt, first_unit=split),
                              quantized_logits(CFG, qcfg, params, qparams, x), atol=1e-5)
 
 

@@ -10,8 +10,9 @@ from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig
 from evolq_jax.losses import batched_loss, info_nce
 from evolq_jax.models import get_preset, init_params, quantize_params, quantized_logits
-from evolq_jax.search import (SearchConfig, block_scales, population_fitness, prefix_activations,
-                              reference_logits, search, set_block_scales)
+from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
+                              reference_logits, search, searched_scales, set_scales)
+from evolq_jax.search import selection
 from evolq_jax.search import engine
 from evolq_jax.search.fitness import candidate_loss
 from evolq_jax.search.strategies import evolq, make_strategy
@@ -30,13 +31,13 @@ def setup():
 
 
 def _population(qparams, block, space, k=5, seed=0):
-  vec0, layout = block_scales(qparams, block, space)
+  vec0, layout = searched_scales(CFG, QCFG, qparams, block, space)
   noise = jax.random.uniform(jax.random.key(seed), (k, vec0.shape[0]), minval=0.8, maxval=1.2)
   return vec0 * noise, layout
 
 
 def _full_forward_loss(params, qparams, x, fp_ref, block, vec, layout, scfg):
-  qp = set_block_scales(qparams, block, vec, layout)
+  qp = set_scales(qparams, vec, layout)
   q = quantized_logits(CFG, QCFG, params, qp, x)
   return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
 
@@ -75,9 +76,9 @@ def _check_paths_agree(setup, block, scfg):
 def test_search_space_with_mlp_and_acts(setup):
   params, x, qparams, fp_ref = setup
   scfg = SearchConfig(loss_batch=LB, layers=("qkv", "proj", "fc1", "fc2"), acts=True)
-  vec0, layout = block_scales(qparams, 1, scfg.space)
+  vec0, layout = searched_scales(CFG, QCFG, qparams, 1, scfg.space)
   assert vec0.shape[0] == 288 + 96 + 384 + 96 + 9  # 9 per-tensor activation points
-  back = set_block_scales(qparams, 1, vec0 * 2, layout)
+  back = set_scales(qparams, vec0 * 2, layout)
   np.testing.assert_allclose(back.weights["blocks_1"]["mlp"]["fc1"]["scale"],
                              2 * qparams.weights["blocks_1"]["mlp"]["fc1"]["scale"])
   np.testing.assert_allclose(back.acts["blocks_1"]["attn"]["logits"]["scale"],
@@ -106,7 +107,7 @@ def test_a_loss_batch_larger_than_the_calibration_set_is_a_clear_error(setup):
   params, x, qparams, fp_ref = setup
   with pytest.raises(ValueError, match=rf"search.loss_batch=100 is more than the {N} calib"):
     batched_loss("infonce", fp_ref, fp_ref, 100)
-  vec0, layout = block_scales(qparams, 1, SearchConfig().space)
+  vec0, layout = searched_scales(CFG, QCFG, qparams, 1, SearchConfig().space)
   tokens = prefix_activations(CFG, QCFG, params, qparams, x, 1)
   with pytest.raises(ValueError, match="lower search.loss_batch"):
     population_fitness(CFG, QCFG, 1, layout, "infonce", 3.0, 100, 0, vec0[None], params,
@@ -119,7 +120,7 @@ def test_evolq_strategy_is_the_tournament():
   assert state.pool.shape == (4, 6) and np.all(np.asarray(state.fitness) == 5.0)
   pop, _ = s.ask(jax.random.key(1), state)
   assert pop.shape == (2, 6) and np.all(np.abs(np.asarray(pop) - 1) <= 0.1 + 1e-6)
-  state = s.tell(jax.random.key(2), pop, jnp.asarray([1.0, 9.0]), state)
+  state, _ = s.tell(jax.random.key(2), pop, jnp.asarray([1.0, 9.0]), state)
   assert sorted(np.asarray(state.fitness).tolist()) == [1.0, 5.0, 5.0, 5.0]  # worst dropped
   near_zero = s.init(jax.random.key(0), jnp.full(6, 0.01), 1.0)
   assert np.all(np.asarray(s.ask(jax.random.key(3), near_zero)[0]) >= 0)  # |parent + U|
@@ -127,7 +128,8 @@ def test_evolq_strategy_is_the_tournament():
 
 def _run(setup, **kw):
   params, x, qparams, _ = setup
-  scfg = SearchConfig(passes=2, generations=2, children=3, loss_batch=LB,
+  kw = {"children": 3, **kw}
+  scfg = SearchConfig(passes=2, generations=2, loss_batch=LB,
                       **{k: v for k, v in kw.items() if k not in ("workdir", "resume", "seed")})
   return search(CFG, QCFG, params, qparams, x, scfg, seed=kw.get("seed", 0),
                 workdir=kw.get("workdir"), resume=kw.get("resume", False), progress=False)
@@ -137,7 +139,7 @@ def test_straight_through_loss_has_the_same_value_and_a_gradient(setup):
   """The gradient baseline's loss: same value as the search's, non-zero gradient
   w.r.t. the scales (plain fake-quant has a zero gradient almost everywhere)."""
   params, x, qparams, fp_ref = setup
-  vec, layout = block_scales(qparams, 1, SearchConfig().space)
+  vec, layout = searched_scales(CFG, QCFG, qparams, 1, SearchConfig().space)
   tokens = prefix_activations(CFG, QCFG, params, qparams, x, 1)
   fq = quantize_params(QCFG, params, qparams)
   loss = lambda v, ste: candidate_loss(CFG, QCFG, 1, layout, "infonce", 3.0, LB, v,  # noqa
@@ -153,7 +155,7 @@ def test_random_search_samples_around_the_start():
   x0 = jnp.array([1.0, 2.0, 0.05, 0.5, 3.0])
   state = s.init(jax.random.key(0), x0, 1.0)
   pop, state = s.ask(jax.random.key(1), state)
-  state = s.tell(jax.random.key(2), pop, jnp.arange(64.0), state)
+  state, _ = s.tell(jax.random.key(2), pop, jnp.arange(64.0), state)
   assert pop.shape == (64, 5) and np.array_equal(state, x0)  # no selection, no drift
   assert np.all(np.abs(pop - x0) <= 0.1 + 1e-6) and float(pop.min()) >= 0.0
   assert float(pop[:, 2].std()) > 0.02  # it does spread
@@ -171,9 +173,11 @@ def test_search_never_worse_and_deterministic(setup):
              zip(jax.tree.leaves(a.qparams), jax.tree.leaves(c.qparams)))
 
 
-@pytest.mark.parametrize("strategy", ["Sep_CMA_ES", "adam", "random"])
-def test_other_strategies_run_and_keep_elitism(setup, strategy):
-  r = _run(setup, strategy=strategy, population=4)
+@pytest.mark.parametrize("strategy, kw", [("Sep_CMA_ES", dict(popsize=4, children=1)),
+                                          ("adam", dict(children=1)),
+                                          ("random", dict(pool=4))])
+def test_other_strategies_run_and_keep_elitism(setup, strategy, kw):
+  r = _run(setup, strategy=strategy, **kw)
   assert r.fitness_final <= r.fitness_init + 1e-5
   bests = [h["best"] for h in r.history]
   assert all(h["best"] <= h["start"] + 1e-6 for h in r.history) and len(bests) == 8
@@ -212,7 +216,7 @@ def _predict(params, qparams, x):
 
 def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
   params, x, qparams, _ = setup
-  scfg = SearchConfig(passes=2, generations=2, children=3, population=4, loss_batch=LB)
+  scfg = SearchConfig(passes=2, generations=2, children=3, pool=4, loss_batch=LB)
   run = lambda labels, **kw: search(CFG, QCFG, params, qparams, x, scfg, progress=False,  # noqa
                                     holdout=(x, labels), holdout_alpha=1.0, **kw)
   # Labels = the init's own predictions: init scores 100 and no pass beats it.
@@ -237,30 +241,59 @@ def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
 
 
 def test_sign_test_and_the_pick():
-  assert engine.sign_test(5, 0) == pytest.approx(1 / 32) and engine.sign_test(0, 0) == 1.0
-  assert engine.sign_test(10, 10) == pytest.approx(0.5881, abs=1e-4)
-  assert engine.sign_test(0, 7) == 1.0
+  assert selection.sign_test(5, 0) == pytest.approx(1 / 32) and selection.sign_test(0, 0) == 1.0
+  assert selection.sign_test(10, 10) == pytest.approx(0.5881, abs=1e-4)
+  assert selection.sign_test(0, 7) == 1.0
   rec = lambda p, top1, fixed, broken: {"pass": p, "holdout_top1": top1,  # noqa: E731
-                                        "p_value": engine.sign_test(fixed, broken)}
+                                        "p_value": selection.sign_test(fixed, broken)}
   init = rec(0, 90.0, 0, 0)
   # +0.25 points from 30 fixed vs 25 broken: noise (p ~ 0.3), the init stays ...
-  assert engine._pick([init, rec(1, 90.25, 30, 25)], 0.05) == 0
+  assert selection.pick([init, rec(1, 90.25, 30, 25)], 0.05) == 0
   # ... unless the test is off; a clear gain passes it; the best of those wins.
-  assert engine._pick([init, rec(1, 90.25, 30, 25)], 1.0) == 1
-  assert engine._pick([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 1
-  assert engine._pick([init, rec(1, 89.0, 5, 25)], 1.0) == 0
+  assert selection.pick([init, rec(1, 90.25, 30, 25)], 1.0) == 1
+  assert selection.pick([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 1
+  assert selection.pick([init, rec(1, 89.0, 5, 25)], 1.0) == 0
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(population=1), "population=1 must be >= 2"),
+    (dict(pool=1), "pool=1 must be >= 2"),
+    (dict(popsize=1), "popsize=1 must be >= 2"),
+    (dict(strategy="SNES", children=4), "search.popsize"),
+    (dict(strategy="adam", children=4), "set search.generations"),
     (dict(radius=-1e-3), "radius=-0.001 must be >= 0"),
     (dict(strategy="hill"), "strategy='hill' is unknown"),
     (dict(loss="hinge"), "loss='hinge' is unknown"),
     (dict(temperature=0.0), "temperature=0.0 must be > 0"),
-    (dict(layers=("qkv", "attn")), "search.layers"),
+    (dict(layers=()), "search.layers"),
 ])
 def test_bad_search_config(kw, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
     SearchConfig(**kw)
   with pytest.raises(ValueError):
     make_strategy("nope", 4)
+
+
+def test_gradient_strategy_is_adam_on_log_scales():
+  """The Adam baseline through the strategy contract equals optax Adam on z,
+  scales = scales0 * exp(z), fed the loss's gradient."""
+  import optax
+  s = make_strategy("adam", 3, lr=0.1)
+  scales0 = jnp.array([0.5, 1.0, 2.0])
+  state = s.init(jax.random.key(0), scales0, 1.0)
+  tx, z = optax.adam(0.1), jnp.zeros(3)
+  opt = tx.init(z)
+  for step in range(3):
+    x, state = s.ask(jax.random.key(step), state)
+    np.testing.assert_allclose(s.to_scales(state, x)[0], scales0 * jnp.exp(z), rtol=1e-6)
+    grad = jnp.array([[1.0, -2.0, 0.5]]) * (step + 1)
+    state, _ = s.tell(jax.random.key(step), x, jnp.zeros(1), state, grad)
+    updates, opt = tx.update(grad[0], opt, z)
+    z = optax.apply_updates(z, updates)
+  np.testing.assert_allclose(state.z, z, rtol=1e-6)
+  assert s.needs_grad and s.population_size == 1
+
+
+def test_renamed_search_fields_name_their_replacement():
+  from evolq_jax.config import apply_overrides, base_config
+  with pytest.raises(ValueError, match=r"search.pool .*search.popsize"):
+    apply_overrides(base_config(), ["search.population=4"])

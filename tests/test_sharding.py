@@ -22,7 +22,7 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.models import get_preset, init_params, quantize_params
 from evolq_jax.search import (
   SearchConfig,
-  block_scales,
+  searched_scales,
   fitness,
   population_fitness,
   prefix_activations,
@@ -48,7 +48,7 @@ def _setup(dtype=np.float32):
 
 def _block_inputs(setup, block, k=POP):
   params, x, qparams, fp_ref = setup
-  vec0, layout = block_scales(qparams, block, SearchConfig().space)
+  vec0, layout = searched_scales(CFG, QCFG, qparams, block, SearchConfig().space)
   noise = jax.random.uniform(jax.random.key(7), (k, vec0.shape[0]), vec0.dtype, 0.8, 1.2)
   tokens = prefix_activations(CFG, QCFG, params, qparams, x, block)
   fq = quantize_params(QCFG, params, qparams)

@@ -9,7 +9,7 @@ from flax import traverse_util
 
 from evolq_jax.models import VisionTransformer, get_preset
 from evolq_jax.models.checkpoint import load_params, save_params
-from evolq_jax.models.timm_convert import from_timm_state_dict
+from evolq_jax.models.convert import from_timm_state_dict
 
 from conftest import import_timm
 

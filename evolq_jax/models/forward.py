@@ -1,4 +1,5 @@
-"""The forward passes users call: full precision and fully quantized.
+"""The forward passes users call, for any family: full precision, calibration
+statistics and fully quantized.
 
 `quantized_logits(params, qparams, images)` = weights fake-quantized per
 channel with `qparams.weights`, then the model in "quant" mode with
@@ -8,23 +9,35 @@ from __future__ import annotations
 
 from typing import Optional
 
-from evolq_jax.config import QuantConfig
-from evolq_jax.models.presets import ViTConfig
-from evolq_jax.models.vit import VisionTransformer
+from evolq_jax.models.registry import family_of
+from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.quant.weights import quantize_weights
 
 
-def model_for(cfg: ViTConfig, mode: str = "fp", quant: Optional[QuantConfig] = None):
-  return VisionTransformer(config=cfg, mode=mode, quant=quant)
+def units(cfg):
+  """The model's searchable units, in forward order (see interface.Unit)."""
+  return family_of(cfg).units(cfg)
 
 
-def init_params(cfg: ViTConfig, key):
+def act_rules(cfg, qcfg: QuantConfig) -> tuple:
+  """The recipe's activation rules for this model's quantization points."""
+  return family_of(cfg).act_rules(qcfg)
+
+
+def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None):
+  fam = family_of(cfg)
+  return fam.module(config=cfg, mode=mode, quant=quant,
+                    rules=fam.act_rules(quant) if quant is not None else ())
+
+
+def init_params(cfg, key):
   import jax.numpy as jnp
   images = jnp.zeros((1, cfg.img_size, cfg.img_size, cfg.in_chans), jnp.float32)
   return model_for(cfg).init(key, images)["params"]
 
 
-def fp_logits(cfg: ViTConfig, params, images, **kw):
+def fp_logits(cfg, params, images, **kw):
+  """kw: first_unit / last_unit (see interface)."""
   return model_for(cfg).apply({"params": params}, images, **kw)
 
 
@@ -32,13 +45,12 @@ def quantize_params(qcfg: QuantConfig, params, qparams, ste: bool = False):
   return quantize_weights(params, qparams.weights, qcfg.w_spec, qcfg.bias_correction, ste)
 
 
-def quantized_logits(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images,
-                     ste: bool = False, **kw):
-  """Fully quantized forward. kw: first_block / last_block (see VisionTransformer)."""
+def quantized_logits(cfg, qcfg: QuantConfig, params, qparams, images, ste: bool = False, **kw):
+  """Fully quantized forward. kw: first_unit / last_unit (see interface)."""
   qp = quantize_params(qcfg, params, qparams, ste)
   return model_for(cfg, "quant", qcfg).apply({"params": qp}, images, qparams.acts, **kw)
 
 
-def calibration_stats(cfg: ViTConfig, params, images):
+def calibration_stats(cfg, params, images):
   """FP forward -> (logits, {"stats": tree of every quantization point's input})."""
   return model_for(cfg, "calib").apply({"params": params}, images, mutable=["stats"])

@@ -1,62 +1,59 @@
-"""A Linen ViT / DeiT with the FQ-ViT fully-quantized layout, one definition in
-three modes:
+"""ViT / DeiT (timm's `vision_transformer.py` layout) with the FQ-ViT
+fully-quantized layout: presets, the Linen model in the four modes of
+`interface.MODES`, its searchable units, its quantization rules and its timm
+name table.
 
-  "fp"     full precision;
-  "calib"  full precision, and every quantization point's input is sown into
-           the "stats" collection (its tree is the layout of QParams.acts);
-  "quant"  fake-quant at every quantization point with `aq` (QParams.acts);
-  "quant_ste" the same values, with straight-through gradients through every
-           rounding (for gradient-based baselines; plain fake-quant has a zero
-           gradient almost everywhere, which would stop them dead).
-
-Weights are quantized outside the module (`quant.quantize_weights`), so the
-module only ever sees (already fake-quantized) params. Names follow timm.
+Quantization points: patch-embedding output, the embedding (+ position),
+every residual-stream output (the LayerNorm inputs: PTF), every LayerNorm
+output, qkv output, attention logits, probabilities (uniform or log2),
+attention x value, proj output, GELU output, fc2 output, final norm, head.
+Units: one per block; the paper searches its attention's qkv and proj.
 Images are NHWC floats, already normalized.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from evolq_jax.config import QuantConfig
-from evolq_jax.models.presets import ViTConfig
-from evolq_jax.quant.log2 import log2_fake_quant
-from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
+from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
+                                        check_unit_range)
+from evolq_jax.quant.recipe import fqvit_rules
 
-MODES = ("fp", "calib", "quant", "quant_ste")
 LN_EPS = 1e-6
-# Quantization points feeding a LayerNorm: PTF (per channel) when enabled.
-RESIDUAL_POINTS = ("embed", "resid1", "resid2")
-PROB_POINT = "probs"
 
 
-def _keep_last(_, new):
-  return new
+@dataclasses.dataclass(frozen=True)
+class ViTConfig(ModelConfig):
+  patch_size: int = 16
+  embed_dim: int = 192
+  depth: int = 12
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+
+  @property
+  def mlp_hidden(self) -> int:
+    return int(self.embed_dim * self.mlp_ratio)
+
+  @property
+  def num_patches(self) -> int:
+    return (self.img_size // self.patch_size) ** 2
 
 
-class QuantPoint(nn.Module):
-  """Mixin: `self.qpoint(name, x, aq)` marks a quantization point."""
-  mode: str = "fp"
-  quant: Optional[QuantConfig] = None
-
-  def qpoint(self, name: str, x, aq):
-    if self.mode == "calib":
-      self.sow("stats", name, x, init_fn=lambda: None, reduce_fn=_keep_last)
-    elif self.mode in ("quant", "quant_ste"):
-      ste = self.mode == "quant_ste"
-      if name == PROB_POINT and self.quant.log2_softmax:
-        y = log2_fake_quant(x, self.quant.prob_spec)
-        return x + jax.lax.stop_gradient(y - x) if ste else y
-      q = aq[name]
-      return (fake_quant_ste if ste else fake_quant)(x, q["scale"], q["zero_point"],
-                                                     self.quant.a_spec)
-    return x
-
-  def sub(self, aq, name):
-    return None if aq is None else aq[name]
+PRESETS = (
+    ViTConfig("deit_tiny_patch16_224", embed_dim=192, depth=12, num_heads=3),
+    ViTConfig("deit_small_patch16_224", embed_dim=384, depth=12, num_heads=6),
+    ViTConfig("deit_base_patch16_224", embed_dim=768, depth=12, num_heads=12),
+    ViTConfig("vit_base_patch16_224", embed_dim=768, depth=12, num_heads=12, preprocess="vit"),
+    # The fixture: a DeiT-style ViT for 28x28 grayscale (Fashion-MNIST).
+    ViTConfig("vit_fixture_patch4_28", img_size=28, patch_size=4, in_chans=1,
+              num_classes=10, embed_dim=96, depth=6, num_heads=4, preprocess="fixture"),
+    # The second fixture: a DeiT-style ViT for 32x32 RGB (CIFAR-10).
+    ViTConfig("vit_cifar10_patch4_32", img_size=32, patch_size=4, in_chans=3,
+              num_classes=10, embed_dim=128, depth=6, num_heads=4, preprocess="cifar10"),
+)
 
 
 class Attention(QuantPoint):
@@ -71,7 +68,7 @@ class Attention(QuantPoint):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (b, heads, n, hd)
     logits = self.qpoint("logits", (q * hd ** -0.5) @ k.swapaxes(-1, -2), aq)
     # softmax in at least float32 (bf16 logits are upcast; float64 stays)
-    probs = self.qpoint(PROB_POINT, nn.softmax(
+    probs = self.qpoint("probs", nn.softmax(
         logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1), aq)
     ctx = (probs.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
     ctx = self.qpoint("context", ctx, aq)
@@ -95,7 +92,7 @@ class Block(QuantPoint):
 
   @nn.compact
   def __call__(self, x, aq=None):
-    kw = dict(mode=self.mode, quant=self.quant)
+    kw = self.child_kw()
     h = self.qpoint("norm1_out", nn.LayerNorm(LN_EPS, name="norm1")(x), aq)
     x = self.qpoint("resid1", x + Attention(num_heads=self.num_heads, name="attn", **kw)(
         h, self.sub(aq, "attn")), aq)
@@ -107,27 +104,23 @@ class Block(QuantPoint):
 class VisionTransformer(QuantPoint):
   """ViT with a class token (DeiT / timm `vit_*` layout).
 
-  Call with images (B, H, W, C) -> logits (B, classes). For block-wise work:
-  `first_block=b` takes tokens (B, N, D) (the prefix activations) instead of
-  images; `last_block=e` returns the tokens after blocks [first_block, e).
+  Call with images (B, H, W, C) -> logits (B, classes). Units are blocks:
+  `first_unit=b` takes tokens (B, N, D) (the prefix activations) instead of
+  images; `last_unit=e` returns the tokens after blocks [first_unit, e).
   """
   config: Any = None
 
   @nn.compact
-  def __call__(self, x, aq=None, first_block: int = 0, last_block: Optional[int] = None):
+  def __call__(self, x, aq=None, first_unit: int = 0, last_unit: Optional[int] = None):
     cfg: ViTConfig = self.config
-    if self.mode not in MODES:
-      raise ValueError(f"mode={self.mode!r} is unknown: expected one of {MODES}.")
-    if self.mode.startswith("quant") and (aq is None or self.quant is None):
-      raise ValueError("mode='quant' needs activation qparams and a QuantConfig: "
-                       "run evolq_jax.calibrate first.")
-    kw = dict(mode=self.mode, quant=self.quant)
-    if first_block == 0:
+    self.check_mode(aq)
+    check_unit_range(cfg, range(cfg.depth), first_unit, last_unit)
+    if first_unit == 0:
       x = self.embed(x, aq)
-    for i in range(first_block, cfg.depth if last_block is None else last_block):
-      x = Block(num_heads=cfg.num_heads, mlp_hidden=cfg.mlp_hidden, name=f"blocks_{i}", **kw)(
-          x, self.sub(aq, f"blocks_{i}"))
-    if last_block is not None:
+    for i in range(first_unit, cfg.depth if last_unit is None else last_unit):
+      x = Block(num_heads=cfg.num_heads, mlp_hidden=cfg.mlp_hidden, name=f"blocks_{i}",
+                **self.child_kw())(x, self.sub(aq, f"blocks_{i}"))
+    if last_unit is not None:
       return x
     x = self.qpoint("norm_out", nn.LayerNorm(LN_EPS, name="norm")(x), aq)
     return self.qpoint("head_out", nn.Dense(cfg.num_classes, name="head")(x[:, 0]), aq)
@@ -144,3 +137,42 @@ class VisionTransformer(QuantPoint):
                      (1, cfg.num_patches + 1, cfg.embed_dim))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, cfg.embed_dim)), x], 1)
     return self.qpoint("embed", x + pos, aq)
+
+
+def units(cfg: ViTConfig) -> tuple:
+  return tuple(Unit(i, (f"blocks_{i}",), (
+      Layer("qkv", (f"blocks_{i}", "attn", "qkv")),
+      Layer("proj", (f"blocks_{i}", "attn", "proj")),
+      Layer("fc1", (f"blocks_{i}", "mlp", "fc1"), "mlp"),
+      Layer("fc2", (f"blocks_{i}", "mlp", "fc2"), "mlp"))) for i in range(cfg.depth))
+
+
+def act_rules(qcfg):
+  return fqvit_rules(qcfg, residual=r"(.*/)?(embed|resid1|resid2)", probs=r".*/probs")
+
+
+def candidate_bytes(cfg: ViTConfig, unit: int, loss_batch: int, itemsize: int = 4) -> int:
+  """Live activations of one loss batch through blocks unit..end (residual,
+  qkv, attention logits and probs, MLP)."""
+  t, d, h = cfg.num_patches + 1, cfg.embed_dim, cfg.num_heads
+  per_token = 8 * d + 4 * h * t + 2 * cfg.mlp_hidden
+  return itemsize * loss_batch * t * per_token * (cfg.depth - unit)
+
+
+# (timm regex, flax name template, how to convert the array: see convert.CONVERSIONS)
+TIMM_TABLE = (
+    (r"cls_token", "cls_token", "same"),
+    (r"pos_embed", "pos_embed", "same"),
+    (r"patch_embed\.proj\.weight", "patch_embed/kernel", "conv"),
+    (r"patch_embed\.proj\.bias", "patch_embed/bias", "same"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.weight", "blocks_{0}/{1}/scale", "same"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.bias", "blocks_{0}/{1}/bias", "same"),
+    (r"blocks\.(\d+)\.(attn|mlp)\.(qkv|proj|fc1|fc2)\.weight", "blocks_{0}/{1}/{2}/kernel", "dense"),
+    (r"blocks\.(\d+)\.(attn|mlp)\.(qkv|proj|fc1|fc2)\.bias", "blocks_{0}/{1}/{2}/bias", "same"),
+    (r"norm\.weight", "norm/scale", "same"),
+    (r"norm\.bias", "norm/bias", "same"),
+    (r"head\.weight", "head/kernel", "dense"),
+    (r"head\.bias", "head/bias", "same"),
+)
+
+FAMILY = Family("vit", VisionTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE)

@@ -1,8 +1,9 @@
-"""Scoring candidates: prefix caching and the population fitness.
+"""Scoring candidates: prefix caching, the population fitness and the whole
+model's calibration loss.
 
-While block b is searched, everything before b is fixed, so the quantized
-tokens entering b on the calibration set (`prefix_activations`) are computed
-once; a candidate only runs blocks b..end and the head. A population of scale
+While unit b is searched, everything before b is fixed, so the quantized
+activations entering b on the calibration set (`prefix_activations`) are
+computed once; a candidate only runs units b..end and the head. A population of scale
 vectors is scored in one jitted call: vmapped over candidates, in chunks of
 `chunk` candidates (lax.map) to bound memory, and over calibration batches in
 sequence (the loss's own batches). `population_scorer` picks the chunk from a
@@ -18,19 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from evolq_jax.config import QuantConfig
-from evolq_jax.losses import get_loss, loss_batches
-from evolq_jax.models.forward import fp_logits, model_for, quantize_params
-from evolq_jax.models.presets import ViTConfig
+from evolq_jax.losses import batched_loss, get_loss, loss_batches
+from evolq_jax.models.forward import fp_logits, model_for, quantize_params, quantized_logits
+from evolq_jax.models.registry import family_of
+from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.quant.weights import quantize_kernel
 from evolq_jax.search import sharding
-from evolq_jax.search.space import set_block_scales
+from evolq_jax.search.space import set_scales
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _prefix(cfg, qcfg, block, fq_params, acts, images):
+def _prefix(cfg, qcfg, unit, fq_params, acts, images):
   return model_for(cfg, "quant", qcfg).apply({"params": fq_params}, images, acts,
-                                             last_block=block)
+                                             last_unit=unit)
 
 
 def in_batches(fn, images, batch_size):
@@ -38,55 +39,68 @@ def in_batches(fn, images, batch_size):
                           for i in range(0, len(images), batch_size)])
 
 
-def prefix_activations(cfg: ViTConfig, qcfg: QuantConfig, params, qparams, images, block: int,
+def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: int,
                        batch_size: int = 100):
-  """Quantized tokens (N, T, D) entering block `block` (images if block == 0)."""
-  if block == 0:
+  """Quantized activations entering unit `unit` (images if unit == 0)."""
+  if unit == 0:
     return jnp.asarray(images)
   fq = quantize_params(qcfg, params, qparams)
-  return in_batches(lambda x: _prefix(cfg, qcfg, block, fq, qparams.acts, x), images, batch_size)
+  return in_batches(lambda x: _prefix(cfg, qcfg, unit, fq, qparams.acts, x), images, batch_size)
 
 
 _fp = jax.jit(fp_logits, static_argnums=0)
 
 
-def reference_logits(cfg: ViTConfig, params, images, batch_size: int = 100):
+def reference_logits(cfg, params, images, batch_size: int = 100):
   """Full-precision logits on the calibration set: computed once per run."""
   return in_batches(lambda x: _fp(cfg, params, x), images, batch_size)
 
 
-def requantize_block(qcfg: QuantConfig, params, fq_params, qparams, block: int, layout,
-                     ste: bool = False):
-  """fq_params with block's searched kernels re-quantized from qparams' scales."""
-  name = f"blocks_{block}"
-  out = {**fq_params, name: dict(fq_params[name])}
+_quantized = jax.jit(quantized_logits, static_argnums=(0, 1))  # compiled once per config
+
+
+def calibration_fitness(cfg, qcfg: QuantConfig, params, qparams, images, fp_ref, scfg,
+                        batch_size: int = 100) -> float:
+  """The search's loss for the whole quantized model (full forward)."""
+  q = in_batches(lambda x: _quantized(cfg, qcfg, params, qparams, x), images, batch_size)
+  return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
+
+
+def _replace_leaf(tree: dict, path, value):
+  if len(path) == 1:
+    return {**tree, path[0]: value}
+  return {**tree, path[0]: _replace_leaf(tree[path[0]], path[1:], value)}
+
+
+def requantize(qcfg: QuantConfig, params, fq_params, qparams, layout, ste: bool = False):
+  """fq_params with the layout's searched kernels re-quantized from qparams' scales."""
+  out = fq_params
   for kind, path, _ in layout:
     if kind != "weights":
       continue
-    sub, layer = path
-    q = qparams.weights[name][sub][layer]
-    raw = params[name][sub][layer]
+    q, raw, fq = (qparams.weights, params, fq_params)
+    for k in path:
+      q, raw, fq = q[k], raw[k], fq[k]
     kernel = quantize_kernel(raw["kernel"], q["scale"], q["zero_point"], qcfg.w_spec,
                              qcfg.bias_correction, ste)
     # in fq_params' dtype: bf16 compute keeps bf16 kernels (a no-op in float32)
-    kernel = kernel.astype(fq_params[name][sub][layer]["kernel"].dtype)
-    out[name][sub] = {**out[name][sub], layer: {**raw, "kernel": kernel}}
+    out = _replace_leaf(out, tuple(path), {**raw, "kernel": kernel.astype(fq["kernel"].dtype)})
   return out
 
 
-def candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params, qparams, ste=False):
-  """-> fn(prefix tokens) -> logits of the model with block `block`'s searched
-  scales set to `vec` (its kernels re-quantized once, here)."""
-  qp = set_block_scales(qparams, block, vec, layout)
-  p = requantize_block(qcfg, params, fq_params, qp, block, layout, ste)
+def candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params, qparams, ste=False):
+  """-> fn(prefix activations) -> logits of the model with unit `unit`'s
+  searched scales set to `vec` (its kernels re-quantized once, here)."""
+  qp = set_scales(qparams, vec, layout)
+  p = requantize(qcfg, params, fq_params, qp, layout, ste)
   model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
-  return lambda x: model.apply({"params": p}, x, qp.acts, first_block=block)
+  return lambda x: model.apply({"params": p}, x, qp.acts, first_unit=unit)
 
 
-def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec, params,
+def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, params,
                    fq_params, qparams, tokens, fp_ref, ste=False):
-  """Loss of one candidate scale vector, from the cached prefix tokens."""
-  forward = candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params, qparams, ste)
+  """Loss of one candidate scale vector, from the cached prefix activations."""
+  forward = candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params, qparams, ste)
   loss_fn = get_loss(loss)
   n = loss_batches(tokens.shape[0], loss_batch)
   xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
@@ -99,18 +113,31 @@ def candidate_loss(cfg, qcfg, block, layout, loss, temperature, loss_batch, vec,
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def candidate_value_and_grad(cfg, qcfg, unit, layout, loss, temperature, loss_batch, to_scales,
+                             x, state, params, fq_params, qparams, tokens, fp_ref):
+  """(loss (1,), d loss / d x (1, D)) of one search point x (1, D) whose scales are
+  to_scales(state, x), through the straight-through estimator."""
+  def f(x):
+    return candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch,
+                          to_scales(state, x)[0], params, fq_params, qparams, tokens, fp_ref,
+                          ste=True)
+  value, grad = jax.value_and_grad(f)(x)
+  return value[None], grad
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7),
                    static_argnames=("mesh",))
-def population_fitness(cfg: ViTConfig, qcfg: QuantConfig, block: int, layout, loss: str,
+def population_fitness(cfg, qcfg: QuantConfig, unit: int, layout, loss: str,
                        temperature: float, loss_batch: int, chunk: int, population, params,
                        fq_params, qparams, tokens, fp_ref, mesh=None):
-  """Losses (P,) of a population (P, D) of block-`block` scale vectors.
+  """Losses (P,) of a population (P, D) of unit-`unit` scale vectors.
 
   Candidates are vmapped `chunk` at a time (chunk >= P: all at once). With a
   `mesh` (sharding.population_mesh), each device scores P / devices of them,
   `chunk` at a time; the other arrays must already be on every device.
   """
-  one = functools.partial(candidate_loss, cfg, qcfg, block, layout, loss, temperature,
+  one = functools.partial(candidate_loss, cfg, qcfg, unit, layout, loss, temperature,
                           loss_batch)
 
   def local(pop, params, fq_params, qparams, tokens, fp_ref):
@@ -129,13 +156,11 @@ def tree_bytes(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
-def estimated_candidate_bytes(cfg: ViTConfig, block: int, loss_batch: int, itemsize: int = 4):
-  """Shape-based guess of one candidate's live activations: one loss batch
-  through blocks block..end (residual, qkv, attention logits and probs, MLP),
-  in case the backend gives no memory analysis."""
-  t, d, h = cfg.num_patches + 1, cfg.embed_dim, cfg.num_heads
-  per_token = 8 * d + 4 * h * t + 2 * cfg.mlp_hidden
-  return itemsize * loss_batch * t * per_token * (cfg.depth - block)
+def estimated_candidate_bytes(cfg, unit: int, loss_batch: int, itemsize: int = 4):
+  """The family's shape-based guess of one candidate's live activations (one
+  loss batch through units unit..end), in case the backend gives no memory
+  analysis."""
+  return family_of(cfg).candidate_bytes(cfg, unit, loss_batch, itemsize)
 
 
 _candidate_bytes_memo: dict = {}
@@ -154,7 +179,7 @@ def candidate_bytes(static: tuple, args: tuple) -> int:
   leaves, treedef = jax.tree.flatten(abstract)
   key = static + (treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
   if key not in _candidate_bytes_memo:
-    cfg, block, loss_batch = static[0], static[2], static[6]
+    cfg, unit, loss_batch = static[0], static[2], static[6]
     dim = sum(math.prod(shape) for kind, _, shape in static[3])
     vec = jax.ShapeDtypeStruct((1, dim), jnp.float32)
     try:
@@ -163,7 +188,7 @@ def candidate_bytes(static: tuple, args: tuple) -> int:
     except (AttributeError, NotImplementedError):  # no memory analysis on this backend
       n = 0
     itemsize = jnp.result_type(args[3]).itemsize
-    _candidate_bytes_memo[key] = n or estimated_candidate_bytes(cfg, block, loss_batch, itemsize)
+    _candidate_bytes_memo[key] = n or estimated_candidate_bytes(cfg, unit, loss_batch, itemsize)
   return _candidate_bytes_memo[key]
 
 
@@ -180,7 +205,7 @@ def chunk_for_budget(memory_mb: float, per_candidate: int, fixed: int, populatio
   return int(max(1, min(population, room // per_candidate)))
 
 
-def population_scorer(cfg: ViTConfig, qcfg: QuantConfig, scfg, block: int, layout, params,
+def population_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params,
                       fq_params, qparams, tokens, fp_ref):
   """-> score(population (P, D)) -> losses (P,), following scfg.chunk /
   scfg.memory_mb (chunk size) and scfg.devices (population split over devices).
@@ -189,7 +214,7 @@ def population_scorer(cfg: ViTConfig, qcfg: QuantConfig, scfg, block: int, layou
   """
   mesh = sharding.population_mesh(scfg.devices)
   args = sharding.replicate((params, fq_params, qparams, tokens, fp_ref), mesh)
-  static = (cfg, qcfg, block, layout, scfg.loss, scfg.temperature, scfg.loss_batch)
+  static = (cfg, qcfg, unit, layout, scfg.loss, scfg.temperature, scfg.loss_batch)
   n_dev = 1 if mesh is None else mesh.size
   chunks = {}
 
@@ -209,3 +234,16 @@ def population_scorer(cfg: ViTConfig, qcfg: QuantConfig, scfg, block: int, layou
 
   score.chunks = chunks  # population size -> chunk used (for reports and tests)
   return score
+
+
+def gradient_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params, fq_params, qparams,
+                    tokens, fp_ref, to_scales):
+  """-> value_and_grad(x (1, D), state) -> (losses (1,), grads (1, D)) for a
+  strategy that needs gradients (one candidate, straight-through estimator)."""
+  static = (cfg, qcfg, unit, layout, scfg.loss, scfg.temperature, scfg.loss_batch, to_scales)
+
+  def value_and_grad(x, state):
+    return candidate_value_and_grad(*static, x, state, params, fq_params, qparams, tokens,
+                                    fp_ref)
+
+  return value_and_grad

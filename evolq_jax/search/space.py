@@ -1,21 +1,26 @@
-"""The search space: which scales of one block are searched, as one flat vector.
+"""The search space: which scales of one unit are searched, as one flat vector.
 
-Paper default: the per-channel weight scales of the attention's `qkv` and
-`proj`. Configurable: add the MLP's `fc1` / `fc2`, and the block's per-tensor
-activation scales (PTF residual points and log2 probabilities excluded: their
-structure is fixed by design).
+Paper default: the per-channel weight scales of the linear layers inside the
+unit's attention module (group "attn": ViT's qkv, proj; LeViT's q, kv, proj
+too). Configurable: more layers by group ("mlp") or short name ("fc1"), and
+the unit's per-tensor activation scales that the recipe marks searchable
+(PTF residual points and log2 probabilities are not: their structure is
+fixed by design).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
+from flax import traverse_util
 
-from evolq_jax.models.vit import PROB_POINT, RESIDUAL_POINTS
+from evolq_jax.models.forward import act_rules, units
+from evolq_jax.models.interface import Unit
+from evolq_jax.quant.recipe import rule_for
 
-LAYERS = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"),
-          "fc1": ("mlp", "fc1"), "fc2": ("mlp", "fc2")}
-PAPER_LAYERS = ("qkv", "proj")
+GROUPS = ("attn", "mlp")
+PAPER_LAYERS = ("attn",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,45 +29,63 @@ class SearchSpace:
   acts: bool = False
 
   def __post_init__(self):
-    bad = [l for l in self.layers if l not in LAYERS]
-    if bad or not self.layers:
-      raise ValueError(f"search.layers={tuple(self.layers)!r}: expected a non-empty subset of "
-                       f"{tuple(LAYERS)} (the paper searches {PAPER_LAYERS}).")
+    if not self.layers or not all(isinstance(l, str) and l for l in self.layers):
+      raise ValueError(f"search.layers={tuple(self.layers)!r}: expected a non-empty tuple of "
+                       f"layer groups {GROUPS} or layer names such as 'qkv', 'fc1' (the paper "
+                       f"searches {PAPER_LAYERS}).")
 
-  def act_points(self, block_acts: dict, log2_softmax: bool):
-    """(sub-module, point) pairs of the block's searchable activation scales."""
+  def unit_layers(self, unit: Unit) -> tuple:
+    """The unit's searched layers: `layers` in order, each group in forward order."""
+    out = []
+    for entry in self.layers:
+      picked = [l for l in unit.layers if entry in (l.group, l.name)]
+      out += [l for l in picked if l not in out]
+    return tuple(out)
+
+  def check(self, units) -> None:
+    """Every entry must name a group or a layer of some unit."""
+    known = {n for u in units for l in u.layers for n in (l.name, l.group)}
+    bad = [e for e in self.layers if e not in known]
+    if bad:
+      raise ValueError(f"search.layers entries {bad} name no layer of this model: expected "
+                       f"groups or layer names among {sorted(known)}.")
+
+  def act_points(self, unit: Unit, acts: dict, rules: tuple) -> list:
+    """Paths of the unit's searchable activation points, in sorted path order."""
     if not self.acts:
       return []
-    out = []
-    for key, val in sorted(block_acts.items()):
-      if "scale" in val:
-        if key not in RESIDUAL_POINTS:
-          out.append((None, key))
-      else:
-        out += [(key, p) for p in sorted(val)
-                if not (p == PROB_POINT and log2_softmax)]
-    return out
+    sub = acts
+    for k in unit.path:
+      sub = sub[k]
+    points = sorted({p[:-1] for p in traverse_util.flatten_dict(sub)})
+    return [unit.path + p for p in points
+            if rule_for(rules, "/".join(unit.path + p)).searchable]
 
 
 def _get(tree, path):
   for k in path:
-    if k is not None:
-      tree = tree[k]
+    tree = tree[k]
   return tree
 
 
-def block_scales(qparams, block: int, space: SearchSpace, log2_softmax: bool = False):
-  """-> (vector (D,), layout) of block `block`'s searched scales."""
-  name = f"blocks_{block}"
+def unit_scales(qparams, unit: Unit, space: SearchSpace, rules: tuple = ()):
+  """-> (vector (D,), layout) of the unit's searched scales.
+
+  layout: ((kind "weights" | "acts", full path, shape), ...), as set_scales reads it.
+  """
   parts, layout = [], []
-  for layer in space.layers:
-    s = qparams.weights[name][LAYERS[layer][0]][LAYERS[layer][1]]["scale"]
+  layers = space.unit_layers(unit)
+  if not layers:
+    raise ValueError(f"search.layers={space.layers!r} selects no layer of unit {unit.name!r} "
+                     f"(its layers: {[l.name for l in unit.layers]}).")
+  for layer in layers:
+    s = _get(qparams.weights, layer.path)["scale"]
     parts.append(s.reshape(-1))
-    layout.append(("weights", LAYERS[layer], s.shape))
-  for sub, point in space.act_points(qparams.acts[name], log2_softmax):
-    s = _get(qparams.acts[name], (sub, point))["scale"]
+    layout.append(("weights", layer.path, s.shape))
+  for path in space.act_points(unit, qparams.acts, rules):
+    s = _get(qparams.acts, path)["scale"]
     parts.append(s.reshape(-1))
-    layout.append(("acts", (sub, point), s.shape))
+    layout.append(("acts", path, s.shape))
   return jnp.concatenate(parts), tuple(layout)
 
 
@@ -70,26 +93,27 @@ def split_vector(vec, layout):
   """A flat vector -> list of (kind, path, array) following `layout`."""
   out, i = [], 0
   for kind, path, shape in layout:
-    n = 1
-    for d in shape:
-      n *= d
+    n = math.prod(shape)
     out.append((kind, path, vec[i:i + n].reshape(shape)))
     i += n
   return out
 
 
 def _set_scale(tree: dict, path, scale):
-  """Copy of `tree` with tree[path...]["scale"] = scale (None keys skipped)."""
-  path = tuple(k for k in path if k is not None)
+  """Copy of `tree` with tree[path...]["scale"] = scale."""
   if not path:
     return {**tree, "scale": scale}
   return {**tree, path[0]: _set_scale(tree[path[0]], path[1:], scale)}
 
 
-def set_block_scales(qparams, block: int, vec, layout):
-  """QParams with block `block`'s searched scales replaced by `vec` (pure)."""
-  name = f"blocks_{block}"
+def set_scales(qparams, vec, layout):
+  """QParams with the scales named by `layout` replaced by `vec` (pure)."""
   trees = {"weights": qparams.weights, "acts": qparams.acts}
   for kind, path, value in split_vector(vec, layout):
-    trees[kind] = _set_scale(trees[kind], (name,) + tuple(path), value)
+    trees[kind] = _set_scale(trees[kind], tuple(path), value)
   return qparams.replace(**trees)
+
+
+def searched_scales(cfg, qcfg, qparams, unit: int, space: SearchSpace):
+  """unit_scales for unit index `unit` of model `cfg` under qcfg's recipe."""
+  return unit_scales(qparams, units(cfg)[unit], space, act_rules(cfg, qcfg))

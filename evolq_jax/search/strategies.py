@@ -1,8 +1,12 @@
 """Search strategies behind one evosax-like interface (fitness is minimized).
 
   state = strategy.init(key, scales0, fitness0)
-  population, state = strategy.ask(key, state)       # (lambda, D) scale vectors
-  state = strategy.tell(key, population, fitness, state)
+  x, state = strategy.ask(key, state)                 # (lambda, D) search points
+  scales = strategy.to_scales(state, x)               # (lambda, D) scale vectors
+  state, metrics = strategy.tell(key, x, fitness, state, grad)
+
+`grad` is d fitness / d x (through to_scales), given only to strategies with
+`needs_grad` (the Adam/SGD baselines, `gradient.py`); the others get None.
 
 `evolq` is the paper's tournament search, made generation-parallel: each
 generation breeds `children` (lambda) children scored in one batched pass;
@@ -18,9 +22,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evolq_jax.search import gradient
+
+TOURNAMENT = ("evolq", "random")
 EVOSAX = ("Sep_CMA_ES", "CMA_ES", "SNES", "Open_ES", "SimpleGA", "xNES", "PGPE", "MA_ES")
-STRATEGIES = ("evolq", "random") + EVOSAX
+GRADIENT = gradient.METHODS
+STRATEGIES = TOURNAMENT + EVOSAX + GRADIENT
 PARAMS = ("log", "relative")
+
+
+def _identity(state, x):
+  return x
 
 
 class Strategy(NamedTuple):
@@ -28,6 +40,8 @@ class Strategy(NamedTuple):
   ask: Callable
   tell: Callable
   population_size: int
+  to_scales: Callable = _identity
+  needs_grad: bool = False
 
 
 def paper_radius(w_bits: int) -> float:
@@ -63,11 +77,11 @@ def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
                                maxval=radius)
     return jnp.abs(state.pool[winners] + noise), state
 
-  def tell(key, population, fitness, state):
+  def tell(key, population, fitness, state, grad=None):
     pool = jnp.concatenate([state.pool, population])
     fit = jnp.concatenate([state.fitness, fitness])
     keep = jnp.argsort(fit, stable=True)[:pool_size]  # the worst are dropped
-    return EvolQState(pool[keep], fit[keep])
+    return EvolQState(pool[keep], fit[keep]), {"pool_best": fit[keep][0]}
 
   return Strategy(init, ask, tell, children)
 
@@ -86,8 +100,8 @@ def random_search(children: int = 1, radius: float = 1e-3) -> Strategy:
     noise = jax.random.uniform(key, (children, state.shape[0]), minval=-radius, maxval=radius)
     return jnp.abs(state[None] + noise), state
 
-  def tell(key, population, fitness, state):
-    return state
+  def tell(key, population, fitness, state, grad=None):
+    return state, {}
 
   return Strategy(init, ask, tell, children)
 
@@ -148,22 +162,26 @@ def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float
     z, inner = es.ask(key, state.inner, params)
     return _decode(param, z, state.scales0), WrappedState(inner, state.scales0)
 
-  def tell(key, population, fitness, state):
+  def tell(key, population, fitness, state, grad=None):
     z = _encode(param, population, state.scales0)
-    inner, _ = es.tell(key, z, fitness, state.inner, params)
-    return WrappedState(inner, state.scales0)
+    inner, metrics = es.tell(key, z, fitness, state.inner, params)
+    return WrappedState(inner, state.scales0), metrics
 
   return Strategy(init, ask, tell, population_size)
 
 
-def make_strategy(name: str, num_dims: int, *, population: int = 15, tournament: int = 10,
-                  children: int = 1, radius: float = 1e-3, sigma: float = 0.02,
-                  param: str = "log") -> Strategy:
-  """A strategy by name: 'evolq', 'random' or any evosax algorithm in EVOSAX."""
+def make_strategy(name: str, num_dims: int, *, pool: int = 15, tournament: int = 10,
+                  children: int = 1, radius: float = 1e-3, popsize: int = 15,
+                  sigma: float = 0.02, param: str = "log", lr: float = 0.02) -> Strategy:
+  """A strategy by name: 'evolq', 'random', an evosax algorithm in EVOSAX, or a
+  gradient baseline in GRADIENT."""
   if name == "evolq":
-    return evolq(population, tournament, children, radius)
+    return evolq(pool, tournament, children, radius)
   if name == "random":
     return random_search(children, radius)
+  if name in GRADIENT:
+    return Strategy(*gradient.optax_strategy(name, lr), population_size=1,
+                    to_scales=gradient.to_scales, needs_grad=True)
   if name not in EVOSAX:
     raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
-  return evosax_strategy(name, population, num_dims, sigma, param)
+  return evosax_strategy(name, popsize, num_dims, sigma, param)

@@ -1,0 +1,153 @@
+"""The model interface: what calibrate, search, landscape, evaluate and export
+know about a model, and nothing more.
+
+A family (ViT/DeiT, Swin, LeViT, ...) is one module under `models/` that
+defines a `Family`:
+  - its presets (frozen `ModelConfig` subclasses, timm's names);
+  - its Linen module, built as `module(config=cfg, mode=..., quant=qcfg,
+    rules=...)`, called as `module.apply({"params": p}, x, aq,
+    first_unit=0, last_unit=None)`: `first_unit=b` takes the activations
+    entering unit b (the prefix cache) instead of images, `last_unit=e`
+    returns the activations after units [first_unit, e) instead of logits;
+  - its ordered searchable units (`Unit`: an attention module and the layers
+    that run with it) and the named quantized layers inside each;
+  - its quantization points as data (`act_rules`: the FQ-ViT rules for its
+    point names);
+  - a shape-based memory estimate of one candidate;
+  - the checkpoint converter's name table (timm -> Flax) and an optional
+    `prepare` step on converted params (e.g. BatchNorm folding).
+
+Every quantization point is marked in the module with `self.qpoint(name, x,
+aq)` (the `QuantPoint` mixin): in "calib" mode it records x, in the quant
+modes it fake-quantizes x by the point's rule. Weights are quantized outside
+the module: it only sees (already fake-quantized) params.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+
+from evolq_jax.quant.log2 import log2_fake_quant
+from evolq_jax.quant.recipe import QuantConfig, rule_for
+from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
+
+MODES = ("fp", "calib", "quant", "quant_ste")
+# Per-preprocessing transforms (timm's defaults): crop fraction, interpolation, mean/std.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TRANSFORMS = {
+    "deit": dict(crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "vit": dict(crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
+    "fixture": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.2860,), std=(0.3530,)),
+    "cifar10": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465),
+                    std=(0.2470, 0.2435, 0.2616)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What every preset has: a name, its input and its classes."""
+  name: str
+  img_size: int = 224
+  in_chans: int = 3
+  num_classes: int = 1000
+  preprocess: str = "deit"  # a key of TRANSFORMS
+
+  @property
+  def transform(self) -> dict:
+    return TRANSFORMS[self.preprocess]
+
+  def check_images(self, shape):
+    want = (self.img_size, self.img_size, self.in_chans)
+    if len(shape) != 4 or tuple(shape[1:]) != want:
+      raise ValueError(
+          f"images of shape {tuple(shape)} do not fit model {self.name!r}: expected "
+          f"(batch, {want[0]}, {want[1]}, {want[2]}) NHWC. Resize/convert the images "
+          "with the model's transform (evolq_jax.data.transforms).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """A quantized linear layer of a unit: its short name, param path and group
+  ('attn': inside the attention module, the paper's search set; 'mlp': the rest)."""
+  name: str
+  path: tuple
+  group: str = "attn"
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One searchable unit, in forward order. `path`: the param/point subtree
+  that holds its layers and activation points."""
+  index: int
+  path: tuple
+  layers: tuple  # of Layer, in forward order
+
+  @property
+  def name(self) -> str:
+    return "/".join(self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  module: Any                    # Linen module class
+  presets: tuple                 # ModelConfig instances
+  units: Callable                # cfg -> tuple[Unit]
+  act_rules: Callable            # QuantConfig -> tuple[ActRule]
+  candidate_bytes: Callable      # (cfg, unit index, loss batch, itemsize) -> bytes
+  timm_table: tuple = ()         # (timm regex, flax template, conversion) rows
+  prepare: Optional[Callable] = None  # (flat converted params, cfg) -> flat params
+
+
+def _keep_last(_, new):
+  return new
+
+
+class QuantPoint(nn.Module):
+  """Mixin: `self.qpoint(name, x, aq)` marks a quantization point.
+
+  `rules` (the recipe's ActRules) pick the quantizer by the point's path;
+  `aq` is this module's subtree of QParams.acts.
+  """
+  mode: str = "fp"
+  quant: Optional[QuantConfig] = None
+  rules: tuple = ()
+
+  def qpoint(self, name: str, x, aq):
+    if self.mode == "calib":
+      self.sow("stats", name, x, init_fn=lambda: None, reduce_fn=_keep_last)
+    elif self.mode in ("quant", "quant_ste"):
+      ste = self.mode == "quant_ste"
+      rule = rule_for(self.rules, "/".join(self.path + (name,)))
+      if rule.quantizer == "log2":
+        y = log2_fake_quant(x, self.quant.prob_spec)
+        return x + jax.lax.stop_gradient(y - x) if ste else y
+      q = aq[name]
+      return (fake_quant_ste if ste else fake_quant)(x, q["scale"], q["zero_point"],
+                                                     self.quant.a_spec)
+    return x
+
+  def sub(self, aq, name):
+    return None if aq is None else aq[name]
+
+  def child_kw(self) -> dict:
+    """Keyword arguments that pass mode, quant config and rules to a child."""
+    return dict(mode=self.mode, quant=self.quant, rules=self.rules)
+
+  def check_mode(self, aq):
+    if self.mode not in MODES:
+      raise ValueError(f"mode={self.mode!r} is unknown: expected one of {MODES}.")
+    if self.mode.startswith("quant") and (aq is None or self.quant is None):
+      raise ValueError("mode='quant' needs activation qparams and a QuantConfig: "
+                       "run evolq_jax.calibrate first.")
+
+
+def check_unit_range(cfg, units, first_unit: int, last_unit):
+  n = len(units)
+  stop = n if last_unit is None else last_unit
+  if not 0 <= first_unit <= stop <= n:
+    raise ValueError(f"units [{first_unit}, {stop}) are out of range: model {cfg.name!r} "
+                     f"has units 0..{n - 1}.")

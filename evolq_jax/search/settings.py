@@ -1,0 +1,114 @@
+"""The search's settings and its result. Each method family has its own named
+fields, so no field means two things:
+
+  all:        strategy, loss, temperature, passes, generations, layers, acts
+  tournament: pool, tournament, children, radius       (evolq, random)
+  evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
+  gradient:   lr                                       (adam, sgd: one step a generation)
+  scoring:    loss_batch, chunk, memory_mb, devices
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from evolq_jax.losses import LOSSES
+from evolq_jax.search.space import SearchSpace
+from evolq_jax.search.strategies import EVOSAX, GRADIENT, STRATEGIES, TOURNAMENT
+
+# Fields of earlier versions -> what replaced them (for a clear error).
+RENAMED = {
+    "population": "search.pool (the tournament's pool, evolq) or search.popsize (an evosax "
+                  "strategy's lambda)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+  """The search's settings; defaults are the reference's (P=10, K=3, pool 15)."""
+  strategy: str = "evolq"
+  loss: str = "infonce"
+  temperature: float = 3.0
+  passes: int = 10
+  generations: int = 3       # per block; a gradient method takes one step a generation
+  layers: tuple = ("attn",)  # groups ("attn", "mlp") or layer names ("qkv", "fc1", ...)
+  acts: bool = False         # also the unit's searchable activation scales
+  # tournament (evolq, random)
+  pool: int = 15
+  tournament: int = 10
+  children: int = 1
+  radius: float = 0.0        # 0: the paper's r for the weight bits (absolute)
+  # evosax
+  popsize: int = 15
+  sigma: float = 0.02        # relative step size (in `param` space)
+  param: str = "log"
+  # gradient (adam, sgd)
+  lr: float = 0.02           # in log-scale space: scale = scale0 * exp(z)
+  # scoring
+  loss_batch: int = 100
+  chunk: int = 0             # candidates vmapped at once; 0 = the whole population
+  memory_mb: float = 0.0     # > 0: pick chunk so a device's scoring fits in this many MiB
+  devices: int = 0           # population split over jax.devices()[:devices]; 0 = all, 1 = off
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(self.layers))  # hashable: a jit static arg
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"search.strategy={self.strategy!r} is unknown: expected one of "
+                       f"{STRATEGIES}.")
+    if self.loss not in LOSSES:
+      raise ValueError(f"search.loss={self.loss!r} is unknown: expected one of {LOSSES}.")
+    if not self.temperature > 0:
+      raise ValueError(f"search.temperature={self.temperature!r} must be > 0 (paper: 3.0).")
+    if self.pool < 2:
+      raise ValueError(f"search.pool={self.pool} must be >= 2 (paper: 15).")
+    if self.popsize < 2:
+      raise ValueError(f"search.popsize={self.popsize} must be >= 2.")
+    if self.radius < 0:
+      raise ValueError(f"search.radius={self.radius!r} must be >= 0 (0 = the paper's r).")
+    if not self.sigma > 0 or not self.lr > 0:
+      raise ValueError(f"search.sigma={self.sigma!r} and search.lr={self.lr!r} must be > 0.")
+    if self.chunk < 0 or self.memory_mb < 0 or self.devices < 0:
+      raise ValueError(f"search.chunk={self.chunk}, search.memory_mb={self.memory_mb} and "
+                       f"search.devices={self.devices} must be >= 0 (0 = default).")
+    if self.chunk and self.memory_mb:
+      raise ValueError(f"search.chunk={self.chunk} and search.memory_mb={self.memory_mb} are "
+                       "both set: give a fixed chunk or a memory budget to choose it, not both.")
+    for name in ("passes", "generations", "children", "loss_batch", "tournament"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"search.{name}={getattr(self, name)!r} must be >= 1.")
+    if self.children != 1 and self.strategy not in TOURNAMENT:
+      raise ValueError(
+          f"search.children={self.children} applies to the tournament strategies {TOURNAMENT}; "
+          f"{self.strategy!r} takes " + ("search.popsize (its lambda)." if self.strategy in EVOSAX
+                                         else "one step a generation: set search.generations."))
+    SearchSpace(self.layers, self.acts)
+
+  @property
+  def space(self) -> SearchSpace:
+    return SearchSpace(self.layers, self.acts)
+
+  @property
+  def family(self) -> str:
+    return ("tournament" if self.strategy in TOURNAMENT else
+            "gradient" if self.strategy in GRADIENT else "evosax")
+
+  @property
+  def evaluations_per_generation(self) -> int:
+    return {"tournament": self.children, "evosax": self.popsize, "gradient": 1}[self.family]
+
+
+@dataclasses.dataclass
+class SearchResult:
+  """qparams: the result (the held-out pick when a held-out split was given,
+  else the last pass). selected_pass: 0 = the FQ-ViT init, p = after pass p.
+  holdout: per pass (init first) {"pass", "holdout_top1", "fitness", "fixed",
+  "broken", "p_value"}: images the pass gets right that the init got wrong and
+  the reverse, and the sign test's p-value of that split."""
+  qparams: object
+  history: list
+  fitness_init: float
+  fitness_final: float
+  candidates: int
+  seconds: float
+  selected_pass: int = -1
+  holdout: list = dataclasses.field(default_factory=list)
+  last_qparams: object = None
