@@ -43,11 +43,13 @@ from evolq_jax.config import (
 from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import calibration_fitness, reference_logits, search
+from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
 
-# name: (where it starts, SearchConfig overrides). "reference" is the FQ-ViT
-# init with the config's observers; "best" the no-search baseline with the
-# lowest calibration loss.
+# name: (where it starts, SearchConfig overrides). "reference" is the
+# reference's own start ("init-reference": min/max weights + bias correction,
+# OMSE activations, PTF, uint8 softmax); "best" the no-search baseline with
+# the lowest calibration loss.
 SEARCHES = {
     "evolq-infonce": ("reference", {}),
     "evolq-infonce-from-best": ("best", {}),
@@ -99,10 +101,12 @@ def baselines(ctx, c, setting):
   """-> list of run dicts and {name: (qcfg, qparams)} of the no-search baselines."""
   cfg, params, calib, fp_ref = ctx["cfg"], ctx["params"], ctx["calib"], ctx["fp_ref"]
   ref = quant_config(c)
-  variants = {f"init-{o}": dataclasses.replace(ref, w_observer=o)
-              for o in dict.fromkeys([ref.w_observer, "minmax", "omse", "percentile"])}
-  variants[f"init-{ref.w_observer}+bias-correction"] = dataclasses.replace(
-      ref, bias_correction=True)
+  variants = {"init-reference": reference_init(ref)}
+  for o in dict.fromkeys([ref.w_observer, "minmax", "omse", "percentile"]):
+    variants[f"init-{o}"] = dataclasses.replace(ref, w_observer=o)
+  corrected = dataclasses.replace(ref, bias_correction=True)
+  if corrected != variants["init-reference"]:
+    variants[f"init-{ref.w_observer}+bias-correction"] = corrected
   starts, runs = {}, []
   for name, qcfg in variants.items():
     t = time.time()
@@ -122,7 +126,7 @@ def baselines(ctx, c, setting):
                                                          ctx["yardstick"]),
               "config": {"quant": dataclasses.asdict(qcfg)}, **_metrics(ctx, qcfg, qp)})
   best = min(runs, key=lambda r: r["calibration_fitness"])["method"]
-  starts["reference"] = starts[f"init-{ref.w_observer}"]
+  starts["reference"] = starts["init-reference"]
   starts["best"] = starts[best]
   for r in runs:
     r["extra"]["best_no_search_by_calibration"] = r["method"] == best
@@ -173,7 +177,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget):
           **final, "candidates_evaluated": r.candidates,
           "seconds": r.seconds, "config": {"quant": dataclasses.asdict(qcfg),
                                            "search": dataclasses.asdict(scfg)},
-          "extra": {"start": start if start != "best" else best, "own_loss_init": r.fitness_init,
+          "extra": {"start": {"best": best, "reference": "init-reference"}.get(start, start), "own_loss_init": r.fitness_init,
                     "selected_pass": r.selected_pass, "holdout": r.holdout,
                     "last_pass_test_top1": last["test_top1"], "curve": curve}}
 
@@ -238,8 +242,8 @@ def main():
          "yardstick": dataclasses.replace(search_config(c), loss="infonce")}
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
   done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
-  common = {"git_commit": git_commit(), "config_file": args.config or "base_config()",
-            "overrides": args.set}
+  common = {"model": cfg.name, "git_commit": git_commit(),
+            "config_file": args.config or "base_config()", "overrides": args.set}
   states = {}
 
   def setting_state(setting):  # the no-search baselines, once per setting
@@ -277,7 +281,7 @@ def main():
           if (setting, method, seed) in done or (seed != args.seeds[0] and _deterministic(method)):
             continue
           cs, starts, best = setting_state(setting)
-          if SEARCHES[method][0] == "best" and best == f"init-{quant_config(cs).w_observer}":
+          if SEARCHES[method][0] == "best" and best == "init-reference":
             continue  # the same run as the one from the reference's init
           r = run_search(ctx, cs, setting, method, seed, starts, best, budget)
           payload["runs"].append({**r, **common})
@@ -312,7 +316,7 @@ def _best(groups, setting):
 def _start_top1(groups, run):
   """Test top-1 of the no-search baseline a search started from."""
   start = run["extra"]["start"]
-  if start == "reference":
+  if start == "reference":  # runs before init-reference existed started from plain min/max
     start = f"init-{run['config']['quant']['w_observer']}"
   return groups[(run["setting"], start)][0]["test_top1"]
 

@@ -18,6 +18,7 @@ from common import git_commit, write_results
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig, base_config
+from evolq_jax.quant.recipe import parse_bits
 from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import SearchConfig, search

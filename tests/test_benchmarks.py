@@ -27,15 +27,20 @@ def _grid(tmp_path, *extra):
 def test_accuracy_grid_records_every_field_and_resumes(tmp_path):
   runs = _grid(tmp_path)["runs"]
   by_method = {r["method"]: r for r in runs}
-  assert set(by_method) == {"init-minmax", "init-omse", "init-percentile",
-                            "init-minmax+bias-correction", "clip-ratio", "evolq-infonce"}
+  assert set(by_method) == {"init-reference", "init-minmax", "init-omse", "init-percentile",
+                            "clip-ratio", "evolq-infonce"}
   for r in runs:
     assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
     assert r["setting"] == "W4A8" and 0 <= r["test_top1"] <= r["test_top5"] <= 100
+    assert r["model"] == "vit_fixture_patch4_28"
     assert r["config"]["quant"]["w_bits"] == 4 and r["config"]["quant"]["a_bits"] == 8
   r = by_method["evolq-infonce"]
   assert r["seed"] == 0 and r["candidates_evaluated"] == 6 * (1 + 1 * 2)
   assert r["config"]["search"]["strategy"] == "evolq"
+  # the paper's rows start where the reference's run script starts
+  assert r["extra"]["start"] == "init-reference"
+  assert by_method["init-reference"]["config"]["quant"]["bias_correction"]
+  assert not by_method["init-minmax"]["config"]["quant"]["bias_correction"]
   assert r["config"]["search"]["loss_batch"] == 20  # the config's search settings reach it
   # the budget curve: the start, then one point after every block
   assert [p["candidates"] for p in r["extra"]["curve"]] == [0, 3, 6, 9, 12, 15, 18]

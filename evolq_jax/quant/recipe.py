@@ -123,3 +123,14 @@ def rule_for(rules: tuple, path: str) -> ActRule:
 
 def observer_of(rule: ActRule, qcfg: QuantConfig) -> str:
   return rule.observer or qcfg.a_observer
+
+
+def reference_init(qcfg: QuantConfig) -> QuantConfig:
+  """The Evol-Q reference's starting point at qcfg's bits ("init-reference"):
+  what its run script (`--ptf --quant-method omse --bias-corr`, FQ-ViT config
+  of the e2e mode) computes: min/max per-channel unsigned weights with bias
+  correction (each output channel's mean and std matched to the FP weights,
+  on every re-quantization), OMSE activations, PTF on LayerNorm inputs,
+  uniform uint8 softmax."""
+  return dataclasses.replace(qcfg, w_observer="minmax", a_observer="omse", ptf=True,
+                             log2_softmax=False, bias_correction=True, w_signed=False)
