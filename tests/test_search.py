@@ -297,3 +297,16 @@ def test_renamed_search_fields_name_their_replacement():
   from evolq_jax.config import apply_overrides, base_config
   with pytest.raises(ValueError, match=r"search.pool .*search.popsize"):
     apply_overrides(base_config(), ["search.population=4"])
+
+
+def test_relative_step_moves_each_scale_by_a_fraction_of_itself():
+  x0 = jnp.array([1e-3, 1.0, 100.0])
+  for name in ("evolq", "random"):
+    s = make_strategy(name, 3, children=256, radius=0.05, relative=True)
+    pop, _ = s.ask(jax.random.key(1), s.init(jax.random.key(0), x0, 1.0))
+    ratio = np.asarray(pop) / np.asarray(x0)
+    assert np.all(np.abs(ratio - 1) <= 0.05 + 1e-6) and float(ratio.std()) > 0.02
+  with pytest.raises(ValueError, match="step='relative' needs search.radius"):
+    SearchConfig(step="relative")
+  with pytest.raises(ValueError, match="step='sideways' is unknown"):
+    SearchConfig(step="sideways", radius=0.1)

@@ -32,7 +32,8 @@ from evolq_jax.search.strategies import make_strategy, paper_radius
 @functools.lru_cache(maxsize=64)
 def _jitted_strategy(scfg: SearchConfig, num_dims: int, radius: float):
   s = make_strategy(scfg.strategy, num_dims, pool=scfg.pool, tournament=scfg.tournament,
-                    children=scfg.children, radius=radius, popsize=scfg.popsize,
+                    children=scfg.children, radius=radius,
+                    relative=scfg.step == "relative", popsize=scfg.popsize,
                     sigma=scfg.sigma, param=scfg.param, lr=scfg.lr)
   return s._replace(init=jax.jit(s.init), ask=jax.jit(s.ask), tell=jax.jit(s.tell))
 

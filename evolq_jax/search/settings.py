@@ -2,7 +2,7 @@
 fields, so no field means two things:
 
   all:        strategy, loss, temperature, passes, generations, layers, acts
-  tournament: pool, tournament, children, radius       (evolq, random)
+  tournament: pool, tournament, children, radius, step (evolq, random)
   evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
   gradient:   lr                                       (adam, sgd: one step a generation)
   scoring:    loss_batch, chunk, memory_mb, devices
@@ -15,6 +15,7 @@ from evolq_jax.losses import LOSSES
 from evolq_jax.search.space import SearchSpace
 from evolq_jax.search.strategies import EVOSAX, GRADIENT, STRATEGIES, TOURNAMENT
 
+STEPS = ("absolute", "relative")
 # Fields of earlier versions -> what replaced them (for a clear error).
 RENAMED = {
     "population": "search.pool (the tournament's pool, evolq) or search.popsize (an evosax "
@@ -36,7 +37,8 @@ class SearchConfig:
   pool: int = 15
   tournament: int = 10
   children: int = 1
-  radius: float = 0.0        # 0: the paper's r for the weight bits (absolute)
+  radius: float = 0.0        # 0: the paper's r for the weight bits (absolute step)
+  step: str = "absolute"     # absolute: |s + U(-r, r)| (paper); relative: |s * (1 + U(-r, r))|
   # evosax
   popsize: int = 15
   sigma: float = 0.02        # relative step size (in `param` space)
@@ -64,6 +66,11 @@ class SearchConfig:
       raise ValueError(f"search.popsize={self.popsize} must be >= 2.")
     if self.radius < 0:
       raise ValueError(f"search.radius={self.radius!r} must be >= 0 (0 = the paper's r).")
+    if self.step not in STEPS:
+      raise ValueError(f"search.step={self.step!r} is unknown: expected one of {STEPS}.")
+    if self.step == "relative" and self.radius == 0:
+      raise ValueError("search.step='relative' needs search.radius > 0, a fraction of each "
+                       "scale (e.g. 0.0346: a uniform step with the std of evosax's sigma=0.02).")
     if not self.sigma > 0 or not self.lr > 0:
       raise ValueError(f"search.sigma={self.sigma!r} and search.lr={self.lr!r} must be > 0.")
     if self.chunk < 0 or self.memory_mb < 0 or self.devices < 0:

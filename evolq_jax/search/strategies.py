@@ -57,7 +57,7 @@ class EvolQState(NamedTuple):
 
 
 def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
-          radius: float = 1e-3) -> Strategy:
+          radius: float = 1e-3, relative: bool = False) -> Strategy:
   if pool_size < 2 or tournament < 1 or children < 1:
     raise ValueError(f"evolq needs population >= 2, tournament >= 1, children >= 1; got "
                      f"population={pool_size}, tournament={tournament}, children={children}.")
@@ -73,9 +73,8 @@ def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
     k_pick, k_noise = jax.random.split(key)
     picks = jax.random.randint(k_pick, (children, tournament), 0, pool_size)  # with replacement
     winners = picks[jnp.arange(children), jnp.argmin(state.fitness[picks], axis=1)]
-    noise = jax.random.uniform(k_noise, (children, state.pool.shape[1]), minval=-radius,
-                               maxval=radius)
-    return jnp.abs(state.pool[winners] + noise), state
+    parents = state.pool[winners]
+    return _mutate(k_noise, parents, radius, relative), state
 
   def tell(key, population, fitness, state, grad=None):
     pool = jnp.concatenate([state.pool, population])
@@ -86,7 +85,13 @@ def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
   return Strategy(init, ask, tell, children)
 
 
-def random_search(children: int = 1, radius: float = 1e-3) -> Strategy:
+def _mutate(key, parents, radius: float, relative: bool):
+  """|parent + U(-r, r)| (the paper's absolute step), or |parent * (1 + U(-r, r))|."""
+  noise = jax.random.uniform(key, parents.shape, minval=-radius, maxval=radius)
+  return jnp.abs(parents * (1.0 + noise) if relative else parents + noise)
+
+
+def random_search(children: int = 1, radius: float = 1e-3, relative: bool = False) -> Strategy:
   """The no-selection baseline: every child is |start + U(-r, r)|, the same
   mutation as `evolq`'s but always around the block's starting scales."""
   if children < 1 or not radius > 0:
@@ -97,8 +102,7 @@ def random_search(children: int = 1, radius: float = 1e-3) -> Strategy:
     return scales0
 
   def ask(key, state):
-    noise = jax.random.uniform(key, (children, state.shape[0]), minval=-radius, maxval=radius)
-    return jnp.abs(state[None] + noise), state
+    return _mutate(key, jnp.tile(state[None], (children, 1)), radius, relative), state
 
   def tell(key, population, fitness, state, grad=None):
     return state, {}
@@ -171,14 +175,15 @@ def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float
 
 
 def make_strategy(name: str, num_dims: int, *, pool: int = 15, tournament: int = 10,
-                  children: int = 1, radius: float = 1e-3, popsize: int = 15,
-                  sigma: float = 0.02, param: str = "log", lr: float = 0.02) -> Strategy:
+                  children: int = 1, radius: float = 1e-3, relative: bool = False,
+                  popsize: int = 15, sigma: float = 0.02, param: str = "log",
+                  lr: float = 0.02) -> Strategy:
   """A strategy by name: 'evolq', 'random', an evosax algorithm in EVOSAX, or a
   gradient baseline in GRADIENT."""
   if name == "evolq":
-    return evolq(pool, tournament, children, radius)
+    return evolq(pool, tournament, children, radius, relative)
   if name == "random":
-    return random_search(children, radius)
+    return random_search(children, radius, relative)
   if name in GRADIENT:
     return Strategy(*gradient.optax_strategy(name, lr), population_size=1,
                     to_scales=gradient.to_scales, needs_grad=True)
