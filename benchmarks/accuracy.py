@@ -44,43 +44,10 @@ from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import calibration_fitness, reference_logits, search
 from evolq_jax.quant.recipe import parse_bits, reference_init
+from evolq_jax.models.forward import units
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
+from accuracy_plans import PLANS, SEARCHES, equal_passes, evaluations, hardest_setting
 
-# name: (where it starts, SearchConfig overrides). "reference" is the
-# reference's own start ("init-reference": min/max weights + bias correction,
-# OMSE activations, PTF, uint8 softmax); "best" the no-search baseline with
-# the lowest calibration loss.
-SEARCHES = {
-    "evolq-infonce": ("reference", {}),
-    "evolq-infonce-from-best": ("best", {}),
-    "grad-adam": ("reference", {"strategy": "adam"}),
-    "grad-adam-from-best": ("best", {"strategy": "adam"}),
-    "random-search": ("reference", {"strategy": "random"}),
-    "evolq-mse": ("reference", {"loss": "mse"}),
-    "evolq-kl": ("reference", {"loss": "kl"}),
-    "evolq-cosine": ("reference", {"loss": "cosine"}),
-    "grad-sgd": ("reference", {"strategy": "sgd"}),
-    "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES"}),
-    "snes": ("reference", {"strategy": "SNES"}),
-    "evolq-infonce-attn+mlp": ("reference", {"layers": ("qkv", "proj", "fc1", "fc2")}),
-    # beyond the paper: the block's activation scales too (W4A4 loses most to them)
-    "evolq-infonce-acts": ("reference", {"acts": True}),
-}
-# Priority order of the grid: a run cut short still has the main comparisons.
-# A group with no methods only computes the settings' no-search baselines.
-PLAN = [
-    (("W3A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam", "random-search",
-                 "evolq-mse", "evolq-kl", "evolq-cosine")),
-    (("W4A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
-    (("W8A8", "W4A4"), ()),
-    (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search",
-                 "grad-adam-from-best")),
-    (("W4A8",), ("grad-adam-from-best", "random-search")),
-    (("W8A8", "W4A4"), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
-    (("W4A4",), ("evolq-infonce-acts",)),
-]
-CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
-          ("W4A8", "evolq-infonce")}  # seed 0: top-1 after every block
 CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test images
 
 
@@ -152,14 +119,53 @@ def family_budget(method, budget):
   return dict(budget)
 
 
-def run_search(ctx, c, setting, method, seed, starts, best, budget):
-  start, over = SEARCHES[method]
-  scfg = dataclasses.replace(search_config(c), **family_budget(method, budget), **over)
+def method_budget(method, budget, n_units, done_runs=()):
+  """The search settings that give `method` its budget shape (accuracy_plans):
+  the grid's budget, the same number of evaluations in another shape, 4x it,
+  or a gradient method's steps at the wall time of the paper's tournament."""
+  shape = SEARCHES[method][2]
+  out = family_budget(method, budget)
+  total = evaluations(budget["passes"], n_units, budget["generations"], budget["children"])
+  if isinstance(shape, str) and shape.startswith("wall:"):
+    evo, grad = (_seed0(done_runs, m) for m in ("evolq-infonce", best_adam(done_runs)))
+    if evo is None or grad is None:
+      raise ValueError(f"{method} needs the seed-0 runs of evolq-infonce and {shape[5:]} of "
+                       "the same setting first (they measure the wall time it matches).")
+    steps = max(1, round(grad["config"]["search"]["generations"] * evo["seconds"]
+                         / grad["seconds"]))
+    return {**out, "generations": steps, "lr": grad["config"]["search"]["lr"]}
+  if shape:
+    out.update({k: v for k, v in shape.items() if k != "passes"})
+    width = out.get("popsize") if "popsize" in shape else out.get("children", 1)
+    passes = shape.get("passes", out["passes"])
+    if passes == "equal":
+      passes = equal_passes(total, n_units, out["generations"], width)
+    elif passes == "4x":
+      passes = equal_passes(4 * total, n_units, out["generations"], width)
+    out["passes"] = passes
+  return out
+
+
+def _seed0(runs, method):
+  return next((r for r in runs if r["method"] == method and r["seed"] == 0), None)
+
+
+def best_adam(runs):
+  """The Adam learning rate picked on calibration loss among the lr sweep's
+  runs (never on test); 'grad-adam' when no sweep ran."""
+  sweep = [r for r in runs if r["method"].startswith("grad-adam-lr")]
+  return min(sweep, key=lambda r: r["calibration_fitness"])["method"] if sweep else "grad-adam"
+
+
+def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()):
+  start, over, _ = SEARCHES[method]
+  scfg = dataclasses.replace(search_config(c), **{
+      **over, **method_budget(method, budget, len(units(ctx["cfg"])), done_runs)})
   qcfg, qp0 = starts[start]
   cfg, params = ctx["cfg"], ctx["params"]
   curve = []
   on_block = None
-  if seed == 0 and (setting, method) in CURVES:
+  if seed == 0 and (setting, method) in ctx["curves"]:
     curve.append({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
                   "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
                                                  ctx["fp_ref"], ctx["yardstick"])})
@@ -193,7 +199,11 @@ def _save(payload, name):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--config", default="", help="config file[:arg]; default: the fixture")
-  ap.add_argument("--settings", nargs="+", default=["W3A8", "W4A8", "W8A8", "W4A4"])
+  ap.add_argument("--plan", default="fixture", choices=sorted(PLANS),
+                  help="which grid (accuracy_plans.py): the fixture's or the CIFAR-10 test bed's")
+  ap.add_argument("--settings", nargs="+", default=None,
+                  help="settings to run (default: all of the plan's; HARD = the hardest "
+                       "setting where init-reference keeps >= 50%% top-1)")
   ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   ap.add_argument("--only", nargs="+", default=None, help="search methods to run")
   ap.add_argument("--passes", type=int, default=2)
@@ -233,8 +243,10 @@ def main():
   c.holdout.num_images = args.holdout
   cfg, params = load_model(c)
   data = load_data(c, cfg)
+  plan, curves = PLANS[args.plan]
+  payload["plan"] = args.plan
   ctx = {"cfg": cfg, "params": params, "calib": data["calib"], "test": data["test"],
-         "holdout": data.get("holdout"), "holdout_alpha": args.holdout_alpha,
+         "holdout": data.get("holdout"), "holdout_alpha": args.holdout_alpha, "curves": curves,
          "fp": predict(cfg, params, data["test"][0]),
          "fp_ref": reference_logits(cfg, params, data["calib"]),
          # the common yardstick: every run's calibration loss is infoNCE with
@@ -270,8 +282,21 @@ def main():
       _save(payload, args.name)
     return states[setting]
 
-  for settings, methods in PLAN:
-    settings = [s for s in settings if s in args.settings]
+  def resolve(setting):
+    """HARD -> the hardest regime setting where init-reference keeps >= 50 % top-1."""
+    if setting != "HARD":
+      return setting
+    init = {r["setting"]: r["test_top1"] for r in payload["runs"]
+            if r["method"] == "init-reference"}
+    hard = hardest_setting(init)
+    if hard is None:
+      raise SystemExit(f"no setting keeps >= 50% top-1 with init-reference: {init}")
+    payload["hard_setting"] = hard
+    return hard
+
+  wanted = args.settings or sorted({s for group, _ in plan for s in group})
+  for settings, methods in plan:
+    settings = list(dict.fromkeys(resolve(s) for s in settings if s in wanted))
     methods = [m for m in methods if not args.only or m in args.only]
     for setting in settings if not methods else ():
       setting_state(setting)
@@ -283,7 +308,8 @@ def main():
           cs, starts, best = setting_state(setting)
           if SEARCHES[method][0] == "best" and best == "init-reference":
             continue  # the same run as the one from the reference's init
-          r = run_search(ctx, cs, setting, method, seed, starts, best, budget)
+          r = run_search(ctx, cs, setting, method, seed, starts, best, budget,
+                         [r for r in payload["runs"] if r["setting"] == setting])
           payload["runs"].append({**r, **common})
           done.add((setting, method, seed))
           _save(payload, args.name)
@@ -357,7 +383,8 @@ def report(payload, name="accuracy"):
           f"{_ms([r['agreement_with_fp'] for r in rs])} | {rs[0]['candidates_evaluated']} | "
           f"{np.mean([r['seconds'] for r in rs]):.0f} |")
     lines.append("")
-  lines += _targets(groups)
+  lines += (_testbed_targets(groups, payload) if payload.get("plan") == "cifar10"
+            else _targets(groups))
   write_results(name, payload, "\n".join(lines))
   _plots(runs, groups, settings, name, payload.get("fp_top1"))
 
@@ -401,6 +428,44 @@ def _targets(groups):
     ma, mb = (np.mean([r["test_top1"] for r in rs]) for rs in (a, b))
     lines.append(f"| {s} | {m} ({_seeds(a)}) | {other} ({_seeds(b)}) | +{margin:.1f} | {ma:.2f} | "
                  f"{mb:.2f} | {ma - mb:+.2f} | {'yes' if ma >= mb + margin else 'no'} |")
+  return lines + [""]
+
+
+def _testbed_targets(groups, payload):
+  """The CIFAR-10 test bed's targets, in the compared setting where FP - best
+  no-search baseline is largest. "Best search" is the search method with the
+  highest mean test top-1 (reported, never used to pick anything)."""
+  fp = payload.get("fp_top1", float("nan"))
+  searched = {st for (st, m), rs in groups.items() if rs[0]["seed"] is not None}
+  gaps = {st: fp - max(np.mean([r["test_top1"] for r in groups[(st, m)]])
+                        for (s2, m), rs in groups.items() if s2 == st and rs[0]["seed"] is None)
+          for st in searched}
+  if not gaps:
+    return []
+  s = max(gaps, key=gaps.get)
+  mean = {m: np.mean([r["test_top1"] for r in rs]) for (st, m), rs in groups.items() if st == s}
+  std = {m: np.std([r["test_top1"] for r in rs]) for (st, m), rs in groups.items() if st == s}
+  search_means = {m: v for m, v in mean.items() if groups[(s, m)][0]["seed"] is not None}
+  best_search = max(search_means, key=search_means.get)
+  best_base = max((m for m in mean if m not in search_means), key=mean.get)
+  rows = [("best search >= best no-search + 1.0", best_search, best_base,
+           mean[best_search] >= mean[best_base] + 1.0)]
+  if "evolq-infonce" in mean and "random-search" in mean:
+    spread = max(std["evolq-infonce"], std["random-search"])
+    rows.append((f"tournament > random search by more than the seed spread ({spread:.2f})",
+                 "evolq-infonce", "random-search",
+                 mean["evolq-infonce"] - mean["random-search"] > spread))
+  if "grad-adam-wall" in mean:
+    rows.append(("best search >= Adam at equal wall time", best_search, "grad-adam-wall",
+                 mean[best_search] >= mean["grad-adam-wall"]))
+  lines = ["## Targets", "", f"In {s}, where FP - best no-search baseline is largest "
+           f"({gaps[s]:.2f} points). Mean test top-1 over seeds.", "",
+           "| target | method (seeds) | vs (seeds) | method | vs | difference | met |",
+           "|---|---|---|---|---|---|---|"]
+  for text, a, b, met in rows:
+    lines.append(f"| {text} | {a} ({_seeds(groups[(s, a)])}) | {b} ({_seeds(groups[(s, b)])}) | "
+                 f"{mean[a]:.2f} | {mean[b]:.2f} | {mean[a] - mean[b]:+.2f} | "
+                 f"{'yes' if met else 'no'} |")
   return lines + [""]
 
 

@@ -72,3 +72,50 @@ def test_targets_table_resolves_best_and_margins(monkeypatch):
       "| W3A8 | evolq-infonce-from-best (2) | init-bc (-) | +1.0 | 89.90 | 89.00 | +0.90 | no |",
       "| W3A8 | evolq-infonce-from-best (2) | grad-adam (2) | +0.0 | 89.90 | 90.00 | -0.10 | no |"]
   assert accuracy._deterministic("grad-adam") and not accuracy._deterministic("sep-cma-es")
+
+
+def test_budget_shapes_of_the_test_bed(monkeypatch):
+  """Equal evaluations in another shape, 4x the budget, and Adam at the wall
+  time of the tournament with the learning rate picked on calibration loss."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+  from accuracy_plans import evaluations, hardest_setting
+  ref = dict(passes=10, generations=3, children=1)  # 240 evaluations on 6 units
+  assert evaluations(10, 6, 3, 1) == 240
+  assert accuracy.method_budget("evolq-infonce", ref, 6) == ref
+  par = accuracy.method_budget("evolq-parallel4", ref, 6)
+  assert par == dict(passes=8, generations=1, children=4) and evaluations(8, 6, 1, 4) == 240
+  snes = accuracy.method_budget("snes-eq", ref, 6)
+  assert snes == dict(passes=3, generations=3, popsize=4)  # 234, the nearest to 240
+  assert accuracy.method_budget("evolq-infonce-4x", ref, 6)["passes"] == 40
+  assert accuracy.method_budget("grad-adam-lr0.01", ref, 6) == dict(passes=10, generations=3)
+  runs = [{"method": "evolq-infonce", "seed": 0, "seconds": 100.0,
+           "config": {"search": {"generations": 3}}},
+          {"method": "grad-adam-lr0.01", "seed": 0, "seconds": 300.0, "calibration_fitness": 2.0,
+           "config": {"search": {"generations": 3, "lr": 0.01}}},
+          {"method": "grad-adam-lr0.1", "seed": 0, "seconds": 300.0, "calibration_fitness": 1.0,
+           "config": {"search": {"generations": 3, "lr": 0.1}}}]
+  assert accuracy.best_adam(runs) == "grad-adam-lr0.1"
+  wall = accuracy.method_budget("grad-adam-wall", ref, 6, runs)
+  assert wall == dict(passes=10, generations=1, lr=0.1)  # Adam steps cost 3x here
+  assert hardest_setting({"W3A8": 80.0, "W4A4": 55.0, "W2A8": 20.0}) == "W4A4"
+  assert hardest_setting({"W2A8": 20.0}) is None
+
+
+def test_testbed_targets_pick_the_setting_with_the_largest_gap(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+
+  def run(setting, method, seed, top1):
+    return {"setting": setting, "method": method, "seed": seed, "test_top1": top1}
+  runs = [run("W3A8", "init-reference", None, 79.0), run("W3A8", "evolq-infonce", 0, 79.5),
+          run("W4A4", "init-reference", None, 60.0), run("W4A4", "init-minmax", None, 58.0)]
+  runs += [run("W4A4", "evolq-infonce", s, t) for s, t in enumerate((62.0, 62.4, 61.6))]
+  runs += [run("W4A4", "random-search", s, t) for s, t in enumerate((60.5, 60.0, 60.2))]
+  runs += [run("W4A4", "grad-adam-wall", 0, 61.5)]
+  lines = accuracy._testbed_targets(accuracy._group(runs), {"fp_top1": 80.0})
+  assert "In W4A4" in lines[2] and "(20.00 points)" in lines[2]
+  rows = [l for l in lines if l.startswith("| best search") or l.startswith("| tournament")]
+  assert rows[0].endswith("| +2.00 | yes |")  # 62.0 vs init-reference 60.0
+  assert rows[1].split("|")[-2].strip() == "yes"  # +1.77 > the larger seed std
+  assert rows[2].endswith("| +0.50 | yes |")

@@ -1,0 +1,101 @@
+"""What the accuracy grid runs: the methods, and per test bed the order of
+(settings, methods) groups, the budget curves and the targets.
+
+A method is (start, SearchConfig overrides, budget shape):
+  start:  "reference" = init-reference (the reference run script's start),
+          "best" = the no-search baseline with the lowest calibration loss;
+  shape:  None = the grid's budget (passes x generations x children candidate
+          evaluations per unit, plus its start) in the method family's own
+          settings; or a dict of settings whose "passes": "equal" is solved so
+          that the total number of evaluations matches the grid's budget; or
+          "wall:<method>" = the given gradient method at the wall time of
+          the paper's tournament (measured in the same grid, seed 0).
+"""
+from __future__ import annotations
+
+import math
+
+# std of U(-r, r) is r / sqrt(3): this relative radius has evosax's sigma = 0.02 as its std
+SIGMA_AS_RADIUS = 0.02 * math.sqrt(3)
+ADAM_LRS = (0.003, 0.01, 0.03, 0.1)
+
+SEARCHES = {
+    "evolq-infonce": ("reference", {}, None),
+    "evolq-infonce-from-best": ("best", {}, None),
+    "grad-adam": ("reference", {"strategy": "adam"}, None),
+    "grad-adam-from-best": ("best", {"strategy": "adam"}, None),
+    "random-search": ("reference", {"strategy": "random"}, None),
+    "evolq-mse": ("reference", {"loss": "mse"}, None),
+    "evolq-kl": ("reference", {"loss": "kl"}, None),
+    "evolq-cosine": ("reference", {"loss": "cosine"}, None),
+    "grad-sgd": ("reference", {"strategy": "sgd"}, None),
+    "sep-cma-es": ("reference", {"strategy": "Sep_CMA_ES"}, None),
+    "snes": ("reference", {"strategy": "SNES"}, None),
+    "evolq-infonce-attn+mlp": ("reference", {"layers": ("attn", "mlp")}, None),
+    # beyond the paper: the block's activation scales too (W4A4 loses most to them)
+    "evolq-infonce-acts": ("reference", {"acts": True}, None),
+    # the CIFAR-10 test bed's comparisons (issue 12)
+    "evolq-parallel4": ("reference", {}, {"children": 4, "generations": 1, "passes": "equal"}),
+    "evolq-relative": ("reference", {"step": "relative", "radius": SIGMA_AS_RADIUS}, None),
+    "random-relative": ("reference", {"strategy": "random", "step": "relative",
+                                      "radius": SIGMA_AS_RADIUS}, None),
+    "sep-cma-es-eq": ("reference", {"strategy": "Sep_CMA_ES"},
+                      {"popsize": 4, "generations": 3, "passes": "equal"}),
+    "snes-eq": ("reference", {"strategy": "SNES"},
+                {"popsize": 4, "generations": 3, "passes": "equal"}),
+    **{f"grad-adam-lr{lr:g}": ("reference", {"strategy": "adam", "lr": lr}, None)
+       for lr in ADAM_LRS},
+    "grad-adam-wall": ("reference", {"strategy": "adam"}, "wall:grad-adam"),
+    "evolq-infonce-4x": ("reference", {}, {"passes": "4x"}),
+    "snes-eq-4x": ("reference", {"strategy": "SNES"},
+                   {"popsize": 4, "generations": 3, "passes": "4x"}),
+}
+
+# The Fashion-MNIST fixture's grid (its budget: --passes 2 --generations 2 --children 4).
+FIXTURE_PLAN = [
+    (("W3A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam", "random-search",
+                 "evolq-mse", "evolq-kl", "evolq-cosine")),
+    (("W4A8",), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
+    (("W8A8", "W4A4"), ()),
+    (("W3A8",), ("grad-sgd", "sep-cma-es", "snes", "evolq-infonce-attn+mlp", "random-search",
+                 "grad-adam-from-best")),
+    (("W4A8",), ("grad-adam-from-best", "random-search")),
+    (("W8A8", "W4A4"), ("evolq-infonce", "evolq-infonce-from-best", "grad-adam")),
+    (("W4A4",), ("evolq-infonce-acts",)),
+]
+FIXTURE_CURVES = {("W3A8", "grad-adam"), ("W3A8", "evolq-infonce"), ("W4A8", "grad-adam"),
+                  ("W4A8", "evolq-infonce")}
+
+# The CIFAR-10 test bed (the reference's budget: --passes 10 --generations 3 --children 1).
+# "HARD" is the setting where init-reference loses most while keeping >= 50 % top-1.
+REGIME = ("W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8")
+CIFAR10_PLAN = [
+    (REGIME, ()),
+    (("W3A8", "HARD"), ("evolq-infonce", "random-search", *(f"grad-adam-lr{lr:g}"
+                                                          for lr in ADAM_LRS))),
+    (("W3A8", "HARD"), ("evolq-parallel4", "evolq-relative", "random-relative", "snes-eq",
+                        "sep-cma-es-eq", "grad-adam-wall")),
+    (("W3A8", "HARD"), ("evolq-mse", "evolq-kl", "evolq-cosine", "evolq-infonce-acts")),
+    (("W3A8", "HARD"), ("evolq-infonce-4x", "snes-eq-4x")),
+]
+CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
+                  for m in ("evolq-infonce", "grad-adam-wall", "evolq-infonce-4x", "snes-eq-4x")}
+
+PLANS = {"fixture": (FIXTURE_PLAN, FIXTURE_CURVES), "cifar10": (CIFAR10_PLAN, CIFAR10_CURVES)}
+
+
+def hardest_setting(init_top1: dict, floor: float = 50.0):
+  """{setting: init-reference test top-1} -> the lowest one still >= floor (None: none)."""
+  ok = {s: t for s, t in init_top1.items() if t >= floor}
+  return min(ok, key=ok.get) if ok else None
+
+
+def evaluations(passes: int, units: int, generations: int, width: int) -> int:
+  """Candidate evaluations of a search: every unit visit scores its start,
+  then `generations` generations of `width` candidates."""
+  return passes * units * (1 + generations * width)
+
+
+def equal_passes(total: int, units: int, generations: int, width: int) -> int:
+  """The passes whose evaluations come closest to `total` (at least 1)."""
+  return max(1, round(total / (units * (1 + generations * width))))
