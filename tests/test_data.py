@@ -248,6 +248,7 @@ def test_resize_center_crop_geometry():
 def test_image_folder_grayscale_to_rgb_and_rgb_to_gray(tmp_path):
   cfg = get_preset("deit_tiny_patch16_224")
   ref = _make_image_folder(tmp_path / "g", split="test", gray=True)
+  (tmp_path / "g" / "classes.txt").write_text("\n".join(sorted(CLASSES)))  # no train split here
   x, y = load_split({"source": "image_folder", "dir": str(tmp_path / "g")}, "test", cfg)
   assert x.shape == (12, 224, 224, 3)
   pixels = x * np.asarray(cfg.transform["std"]) + np.asarray(cfg.transform["mean"])

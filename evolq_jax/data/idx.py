@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -20,8 +21,12 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 def read_idx(path: str) -> np.ndarray:
   """One IDX file -> array with the shape its header declares."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    raw = f.read()
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated or corrupt gzip stream
+    raise ValueError(f"{path} is truncated or corrupt ({str(e) or type(e).__name__}): copy "
+                     "or download it again.") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
     raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4]!r}).")
   ndim = raw[3]
