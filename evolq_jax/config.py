@@ -49,15 +49,25 @@ def search_config(c) -> SearchConfig:
 def load_config(spec: str):
   """'path/to/file.py[:arg]' -> ConfigDict from the file's get_config([arg])."""
   import importlib.util
+  import inspect
   import os
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"config file {path!r} does not exist (see configs/ for examples).")
+  if not os.path.isfile(path) or not path.endswith(".py"):
+    raise ValueError(f"config path {path!r} is not a Python file: expected configs/FILE.py[:arg], "
+                     "e.g. configs/fixture_w3a8.py.")
   module_spec = importlib.util.spec_from_file_location("evolq_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ValueError(f"config file {path!r} line {e.lineno}: {e.msg}; fix the file.") from None
   if not hasattr(module, "get_config"):
     raise ValueError(f"config file {path!r} defines no get_config() function.")
+  if arg and not inspect.signature(module.get_config).parameters:
+    raise ValueError(f"config file {path!r} takes no argument, but ':{arg}' was given: drop it, "
+                     "and change fields with --set (e.g. --set quant.w_bits=4).")
   return module.get_config(arg) if arg else module.get_config()
 
 

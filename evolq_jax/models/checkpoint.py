@@ -27,10 +27,23 @@ def load_params(path: str, cfg):
   """A `.safetensors` file (Flax or timm layout) -> param tree checked against cfg."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint {path!r} does not exist.")
-  flat = load_file(path)
+  if os.path.isdir(path):
+    raise ValueError(f"checkpoint {path!r} is a folder: expected a .safetensors file, e.g. "
+                     f"{os.path.join(path, 'model.safetensors')!r}.")
+  flat = _read_safetensors(path)
   if any("/" in k for k in flat):
     flat = {k: v.astype(np.float32) for k, v in flat.items()}
   else:
     flat = timm_to_flax_flat(flat, cfg)
   check_against(flat, cfg, path)
   return unflatten(flat)
+
+
+def _read_safetensors(path: str) -> dict:
+  from safetensors import SafetensorError
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError) as e:  # e.g. a truncated download
+    raise ValueError(f"checkpoint {path!r} is not a readable .safetensors file "
+                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__}): it may be "
+                     "truncated; copy or convert it again.") from None

@@ -6,6 +6,15 @@ import dataclasses
 MIN_BITS, MAX_BITS = 2, 8
 
 
+def check_bits(value, field: str = "bits") -> int:
+  """`value` if it is a supported bit width; else a ValueError naming `field`."""
+  if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+    raise ValueError(
+        f"{field}={value!r} is not supported: expected an integer in [{MIN_BITS}, {MAX_BITS}] "
+        f"(the paper uses 3, 4 and 8); set {field} to a value in that range.")
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class BitSpec:
   """An integer grid of `bits` bits, signed (two's complement) or unsigned."""
@@ -13,11 +22,7 @@ class BitSpec:
   signed: bool = False
 
   def __post_init__(self):
-    if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-      raise ValueError(
-          f"bits={self.bits!r} is not supported: expected an integer in "
-          f"[{MIN_BITS}, {MAX_BITS}] (the paper uses 3, 4 and 8). "
-          "Set w_bits / a_bits to a value in that range.")
+    check_bits(self.bits)
 
   @property
   def qmin(self) -> int:
