@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
+import warnings
 
 from evolq_jax.config import apply_overrides, base_config, load_config
+from evolq_jax.workdir import check_writable, lock
 
 DEMO_WORKDIR = "runs/demo"
 
@@ -14,6 +15,15 @@ DEMO_WORKDIR = "runs/demo"
 def _config(args):
   c = load_config(args.config)
   return apply_overrides(c, args.set)
+
+
+def _locked(fn):
+  """fn(args) as the only writer of args.workdir (eval and search lock in the pipeline)."""
+  def run(args):
+    check_writable(args.workdir)
+    with lock(args.workdir):
+      return fn(args)
+  return run
 
 
 def cmd_train(args):
@@ -35,7 +45,7 @@ def _print_eval(s):
 
 def cmd_eval(args):
   from evolq_jax.pipeline import run_eval
-  s = run_eval(_config(args), args.workdir)
+  s = run_eval(_config(args), args.workdir, overwrite=args.overwrite)
   _print_eval(s)
   print(f"summary: {os.path.join(args.workdir, 'summary.json')}")
 
@@ -62,20 +72,10 @@ def _print_search(s, workdir):
     print(f"  {os.path.join(workdir, name)}")
 
 
-def _fresh_workdir(workdir, resume, overwrite):
-  ckpts = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpts) and not resume:
-    if not overwrite:
-      raise ValueError(f"{workdir!r} holds a run's checkpoints: pass --resume to continue it, "
-                       "or choose another --workdir.")
-    shutil.rmtree(ckpts)
-
-
 def cmd_search(args):
   from evolq_jax.pipeline import run_search
-  c = _config(args)
-  _fresh_workdir(args.workdir, args.resume, overwrite=False)
-  _print_search(run_search(c, args.workdir, resume=args.resume), args.workdir)
+  s = run_search(_config(args), args.workdir, resume=args.resume, overwrite=args.overwrite)
+  _print_search(s, args.workdir)
 
 
 # The demo's budget: small enough for 2 CPU cores in a few minutes, large
@@ -94,8 +94,9 @@ def cmd_demo(args):
         f"W{c.quant.w_bits}A{c.quant.a_bits}: FQ-ViT calibration on {c.calib.num_images} "
         f"images, Evol-Q search ({c.search.passes} passes x {c.search.generations} generations "
         f"x {c.search.children} children per block), evaluation on the 10,000 test images")
-  _fresh_workdir(args.workdir, args.resume, overwrite=True)
-  _print_search(run_search(c, args.workdir, resume=args.resume), args.workdir)
+  # the demo's folder is its own: a new demo replaces the last one
+  _print_search(run_search(c, args.workdir, resume=args.resume, overwrite=not args.resume),
+                args.workdir)
 
 
 def cmd_landscape(args):
@@ -127,27 +128,34 @@ def build_parser():
   p = argparse.ArgumentParser(prog="evolq", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
 
-  def add(name, fn, help_, config=True, workdir=None, resume=False):
+  def add(name, fn, help_, config=True, workdir=None, resume=False, overwrite=False):
     s = sub.add_parser(name, help=help_)
     if resume:
       s.add_argument("--resume", action="store_true",
-                     help="continue the run whose checkpoints are in --workdir")
+                     help="continue the run whose checkpoints are in --workdir (with its config)")
+    if overwrite:
+      s.add_argument("--overwrite", action="store_true",
+                     help="replace the results of another run in --workdir")
     if config:
       s.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set quant.w_bits=4 (repeatable)")
     s.add_argument("--workdir", required=workdir is None, default=workdir,
-                   help="folder for outputs")
+                   help="folder for outputs (one run writes there at a time)")
+    s.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error, not just its message")
     s.set_defaults(fn=fn)
     return s
 
-  add("train", cmd_train, "train a model from scratch (the fixtures' recipes)", resume=True)
-  add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json")
+  add("train", _locked(cmd_train), "train a model from scratch (the fixtures' recipes)",
+      resume=True)
+  add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json",
+      overwrite=True)
   add("search", cmd_search, "calibrate + Evol-Q search + evaluate; writes summary.json, "
-      "history.jsonl, fitness.png", resume=True)
+      "history.jsonl, fitness.png", resume=True, overwrite=True)
   add("demo", cmd_demo, "the whole pipeline on the bundled fixture (W3A8)", config=False,
       workdir=DEMO_WORKDIR, resume=True)
-  s = add("landscape", cmd_landscape, "calibration loss and test top-1 on a 1D/2D grid of "
+  s = add("landscape", _locked(cmd_landscape), "calibration loss and test top-1 on a 1D/2D grid of "
           "perturbations of one layer's weight scales; writes landscape.{png,json}")
   s.add_argument("--layer", required=True, help="qkv | proj | fc1 | fc2")
   s.add_argument("--block", type=int, default=None, help="block index (default: the last)")
@@ -166,13 +174,28 @@ def build_parser():
   return p
 
 
+def _one_line(text) -> str:
+  return " ".join(str(text).split())
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
-  try:
+  if args.debug:
     args.fn(args)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"evolq {args.command}: error: {e}", file=sys.stderr)
-    return 2
+    return 0
+  with warnings.catch_warnings():
+    warnings.showwarning = lambda message, *_, **__: print(
+        f"evolq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+    try:
+      args.fn(args)
+    except (ValueError, OSError) as e:  # bad input: its message is the whole story
+      print(f"evolq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+      return 2
+    except KeyboardInterrupt:
+      print(f"evolq {args.command}: interrupted"
+            + ("; --resume continues from the last checkpoint." if args.command == "search"
+               else "."), file=sys.stderr)
+      return 130
   return 0
 
 

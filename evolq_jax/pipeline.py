@@ -1,6 +1,9 @@
 """A run from its config: model + data -> calibrate -> evaluate -> summary.json.
 
-The pieces are plain functions so notebooks can call them one by one.
+The pieces are plain functions so notebooks can call them one by one. A run
+checks what it can before any work: sizes and bit widths (check_sizes), the
+workdir (writable, locked, not another run's: workdir.py), the checkpoint and
+the data (loaded before calibration), a resumed search's checkpoints.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import jax
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig, quant_config, search_config
-from evolq_jax.data import load_split
+from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
 from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
+from evolq_jax.quant.bits import check_bits
+from evolq_jax.workdir import code_version, open_run
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
 
@@ -42,30 +47,85 @@ def load_model(c):
   return cfg, load_params(path, cfg)
 
 
+def _count(c, field: str, minimum: int, meaning: str) -> int:
+  value = c
+  for key in field.split("."):
+    value = value[key]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{field}={value!r} must be an integer >= {minimum} ({meaning}).")
+  return value
+
+
+def check_sizes(c, search: bool = False) -> None:
+  """Bit widths and every size a run uses, checked before any work; each error
+  names its field. Batches must divide their sets: nothing is silently dropped."""
+  for field in ("w_bits", "a_bits", "prob_bits"):
+    check_bits(c.quant[field], f"quant.{field}")
+  b = _count(c, "calib.batch_size", 1, "images per calibration batch")
+  n = _count(c, "calib.num_images", 1, f"a multiple of calib.batch_size={b}; the paper: 1000")
+  _count(c, "eval.batch_size", 1, "images per evaluation batch")
+  _count(c, "eval.limit", 0, "test images; 0 = the whole test split")
+  _count(c, "holdout.num_images", 0, "0 = no held-out selection")
+  _count(c, "data.limit", 0, "0 = no limit")
+  if n % b:
+    raise ValueError(f"calib.num_images={n} is not a multiple of calib.batch_size={b}: "
+                     f"calibration would drop the last {n % b} images. Use {n - n % b or b} or "
+                     f"{n - n % b + b}, or a calib.batch_size that divides {n}.")
+  if search:
+    lb = c.search.loss_batch
+    if lb > n:
+      raise ValueError(f"search.loss_batch={lb} is more than calib.num_images={n}: lower "
+                       "search.loss_batch or raise calib.num_images.")
+    if n % lb:
+      raise ValueError(f"calib.num_images={n} is not a multiple of search.loss_batch={lb}: the "
+                       f"search's loss would leave {n % lb} images out. Use a search.loss_batch "
+                       f"that divides {n}.")
+
+
+def _check_labels(labels, cfg, split: str) -> None:
+  if len(labels) and (labels.min() < 0 or labels.max() >= cfg.num_classes):
+    raise ValueError(f"the {split} split has labels {labels.min()}..{labels.max()} but model "
+                     f"{cfg.name!r} has {cfg.num_classes} classes (0..{cfg.num_classes - 1}): "
+                     "use data with the model's classes, or a model for this data.")
+
+
+def _split(c, split: str, cfg, limit, seed, too_small: str):
+  """load_split with `limit` exact: a split smaller than asked for is an error naming the field."""
+  try:
+    return load_split(c.data, split, cfg, limit=limit, seed=seed, exact=limit is not None)
+  except SplitTooSmall as e:
+    raise ValueError(f"{too_small}, but the {split} split has {e.available} images: lower "
+                     "it.") from None
+
+
 def load_data(c, cfg):
   """-> dict of calibration images, the test split (images, labels) and, when
   c.holdout.num_images > 0, a held-out split of training images (never the
   calibration images) that may pick among search passes."""
+  check_sizes(c)
   n_calib, n_hold = c.calib.num_images, c.holdout.num_images
-  if n_hold < 0:
-    raise ValueError(f"holdout.num_images={n_hold} must be >= 0 (0 = no held-out selection).")
+  classes = class_count(c.data)
+  if classes is not None and classes != cfg.num_classes:
+    raise ValueError(f"data.source={c.data.source!r} has {classes} classes but model "
+                     f"{cfg.name!r} has {cfg.num_classes}: use data with the model's classes "
+                     "(an image folder's classes.txt lists them), or a model for this data.")
   bundled = c.data.source == "bundled"
   # The bundled subset ships its held-out images apart; elsewhere they are the
   # train images right after the calibration set in the same seeded order.
   n_train = n_calib + (0 if bundled else n_hold)
-  train_x, train_y = load_split(c.data, "train", cfg, limit=n_train, seed=c.calib.seed)
-  if len(train_x) < n_train:
-    raise ValueError(f"calib.num_images={n_calib} + holdout.num_images={n_hold} but the train "
-                     f"split has only {len(train_x)} images.")
+  train_x, train_y = _split(c, "train", cfg, n_train, c.calib.seed, f"calib.num_images={n_calib}"
+                            + ("" if bundled or not n_hold else f" + holdout.num_images={n_hold}")
+                            + f" asks for {n_train} train images")
+  _check_labels(train_y, cfg, "train")
   out = {"calib": train_x[:n_calib]}
   if n_hold:
-    hx, hy = ((load_split(c.data, "holdout", cfg, limit=n_hold, seed=c.calib.seed)) if bundled
-              else (train_x[n_calib:], train_y[n_calib:]))
-    if len(hx) < n_hold:
-      raise ValueError(f"holdout.num_images={n_hold} but the bundled held-out split has only "
-                       f"{len(hx)} images.")
+    hx, hy = (_split(c, "holdout", cfg, n_hold, c.calib.seed,
+                     f"holdout.num_images={n_hold} asks for {n_hold} held-out images")
+              if bundled else (train_x[n_calib:], train_y[n_calib:]))
     out["holdout"] = (hx, hy)
-  test_x, test_y = load_split(c.data, "test", cfg, limit=c.eval.limit or None)
+  test_x, test_y = _split(c, "test", cfg, c.eval.limit or None, None,
+                          f"eval.limit={c.eval.limit} asks for {c.eval.limit} test images")
+  _check_labels(test_y, cfg, "test")
   out["test"] = (test_x, test_y)
   return out
 
@@ -114,27 +174,59 @@ def _write_json(path, obj):
   os.replace(tmp, path)  # never a half-written summary
 
 
-def run_eval(c, workdir: str | None = None, progress: bool = True) -> dict:
-  """Calibrate (FQ-ViT init) and evaluate FP and quantized models."""
+def _config_dict(c) -> dict:
+  """The run's config as plain JSON values (what run.json records and compares)."""
+  return json.loads(json.dumps(c.to_dict(), default=str))
+
+
+def run_eval(c, workdir: str | None = None, progress: bool = True,
+             overwrite: bool = False) -> dict:
+  """Calibrate (FQ-ViT init) and evaluate FP and quantized models.
+
+  workdir: where summary.json goes; a folder holding another run's results is
+    refused unless `overwrite` (which removes them first)."""
   start = time.time()
+  check_sizes(c)
+  quant_config(c)  # every quant field, before any work
+  if not workdir:
+    return _eval(c, None, progress, start)
+  with open_run(workdir, "eval", _config_dict(c), overwrite=overwrite):
+    return _eval(c, workdir, progress, start)
+
+
+def _eval(c, workdir, progress, start) -> dict:
   summary = _calibrated(c, progress)[6]
   summary["seconds"] = round(time.time() - start, 2)
   if workdir:
-    os.makedirs(workdir, exist_ok=True)
+    summary["code"] = code_version()
     _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
-def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> dict:
+def run_search(c, workdir: str, resume: bool = False, progress: bool = True,
+               overwrite: bool = False) -> dict:
   """Calibrate, evaluate, search, evaluate again; writes summary.json,
-  history.jsonl and fitness.png into workdir."""
+  history.jsonl and fitness.png into workdir.
+
+  resume: continue the run in workdir (refused when the config differs from
+    its run.json in a field that changes the result). overwrite: replace the
+    results of another run there (otherwise refused)."""
+  from evolq_jax.search import checkpoint as search_checkpoint
+  start = time.time()
+  check_sizes(c, search=True)
+  quant_config(c), search_config(c)  # every field, before any work
+  with open_run(workdir, "search", _config_dict(c), resume=resume, overwrite=overwrite):
+    if resume:  # a damaged newest checkpoint: fall back (and say so) before calibrating
+      search_checkpoint.newest_readable(workdir)
+    return _search(c, workdir, resume, progress, start)
+
+
+def _search(c, workdir, resume, progress, start) -> dict:
   from evolq_jax.plots import plot_fitness
   from evolq_jax.search import search
-  start = time.time()
   scfg = search_config(c)
   cfg, qcfg, params, data, fp, qparams0, summary, desc = _calibrated(c, progress)
   test_x, test_y = data["test"]
-  os.makedirs(workdir, exist_ok=True)
   result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
                   workdir=workdir, resume=resume, progress=progress,
                   holdout=data.get("holdout"), holdout_alpha=c.holdout.alpha)
@@ -157,7 +249,7 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True) -> 
       "final_agreement": final["agreement"],
       "fitness_init": result.fitness_init, "fitness_final": result.fitness_final,
       "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
-      "seconds": round(time.time() - start, 2)})
+      "seconds": round(time.time() - start, 2), "code": code_version()})
   _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
