@@ -59,7 +59,8 @@ def _setting(c, setting):
 
 def _metrics(ctx, qcfg, qparams, limit=None):
   x, y = ctx["test"]
-  m = classification_metrics(predict(ctx["cfg"], ctx["params"], x[:limit], qcfg, qparams),
+  m = classification_metrics(predict(ctx["cfg"], ctx["params"], x[:limit], qcfg, qparams,
+                                     ctx.get("eval_batch", 500)),
                              y[:limit], ctx["fp"][:limit])
   return {"test_top1": m["top1"], "test_top5": m["top5"], "agreement_with_fp": m["agreement"]}
 
@@ -247,12 +248,14 @@ def main():
   payload["plan"] = args.plan
   ctx = {"cfg": cfg, "params": params, "calib": data["calib"], "test": data["test"],
          "holdout": data.get("holdout"), "holdout_alpha": args.holdout_alpha, "curves": curves,
-         "fp": predict(cfg, params, data["test"][0]),
+         "fp": predict(cfg, params, data["test"][0], batch_size=c.eval.batch_size),
+         "eval_batch": c.eval.batch_size,
          "fp_ref": reference_logits(cfg, params, data["calib"]),
          # the common yardstick: every run's calibration loss is infoNCE with
          # the config's loss batch and temperature, whatever loss it searched
          "yardstick": dataclasses.replace(search_config(c), loss="infonce")}
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
+  payload["model"], payload["test_images"] = cfg.name, len(data["test"][1])
   done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
   common = {"model": cfg.name, "git_commit": git_commit(),
             "config_file": args.config or "base_config()", "overrides": args.set}
@@ -351,13 +354,17 @@ def report(payload, name="accuracy"):
   runs = payload["runs"]
   groups = _group(runs)
   settings = list(dict.fromkeys(r["setting"] for r in runs))
-  lines = ["# Accuracy: the paper's comparisons on the fixture", "",
+  n_test, fp1 = payload.get("test_images", 10000), payload.get("fp_top1", float("nan"))
+  # 95% interval of a top-1 measured on n_test images (normal approximation at FP top-1)
+  ci = 196 * np.sqrt(fp1 / 100 * (1 - fp1 / 100) / n_test)
+  lines = [f"# Accuracy: the paper's comparisons on {payload.get('model', 'the fixture')}", "",
            f"FP top-1 {payload.get('fp_top1', float('nan')):.2f} %. Budget per search: "
            f"{payload.get('budget')} (the search's `generations x children` candidates per "
            "block plus its start, for every block of every pass; the gradient baseline takes "
            "the same number of forward+backward steps; it draws nothing at random, so it runs "
            "for the first seed only). Test top-1/top-5/agreement in % on the "
-           "10,000 test images, mean ± std over seeds; `calib` = infoNCE calibration loss "
+           f"{n_test:,} test images (95% interval of one top-1 near FP: ±{ci:.1f} points), "
+           "mean ± std over seeds; `calib` = infoNCE calibration loss "
            "(lower is better) of the kept result. The budget curves' top-1 points use the first "
            f"{CURVE_TEST_IMAGES:,} test images. Searches keep the pass with the best top-1 "
            f"on {payload.get('holdout_images', 0):,} held-out train images, the init counting as pass 0; `last pass` is what "

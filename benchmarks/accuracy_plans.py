@@ -81,7 +81,19 @@ CIFAR10_PLAN = [
 CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
                   for m in ("evolq-infonce", "grad-adam-wall", "evolq-infonce-4x", "snes-eq-4x")}
 
-PLANS = {"fixture": (FIXTURE_PLAN, FIXTURE_CURVES), "cifar10": (CIFAR10_PLAN, CIFAR10_CURVES)}
+# EfficientNet-Lite0 on the ImageNet sample (issue 13; the reference's budget: --passes 10
+# --generations 3 --children 1 --holdout 100): the tournament, SNES at equal evaluations
+# (the best evosax strategy of the earlier grid) and Adam through the STE.
+LITE_SEARCHES = ("evolq-infonce", "snes-eq", "grad-adam")
+EFFICIENTNET_PLAN = [
+    (("W8A8", "W6A6", "W4A8", "W4A4"), ()),
+    (("W6A6", "W4A8"), LITE_SEARCHES),
+    (("W4A4", "W8A8"), LITE_SEARCHES),
+]
+EFFICIENTNET_CURVES = {(s, "evolq-infonce") for s in ("W6A6", "W4A8")}
+
+PLANS = {"fixture": (FIXTURE_PLAN, FIXTURE_CURVES), "cifar10": (CIFAR10_PLAN, CIFAR10_CURVES),
+         "efficientnet": (EFFICIENTNET_PLAN, EFFICIENTNET_CURVES)}
 
 
 def hardest_setting(init_top1: dict, floor: float = 50.0):
