@@ -44,6 +44,7 @@ TRANSFORMS = {
     "cifar10": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465),
                     std=(0.2470, 0.2435, 0.2616)),
     "lite": dict(crop_pct=224 / 256, interpolation="bicubic", mean=(127 / 255,) * 3, std=(128 / 255,) * 3),
+    "levit": dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 
 

@@ -2,10 +2,11 @@
 module under models/ plus one line here."""
 from __future__ import annotations
 
-from evolq_jax.models import efficientnet, vit
+from evolq_jax.models import efficientnet, levit, swin, vit
 from evolq_jax.models.interface import Family, ModelConfig
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (vit.FAMILY, efficientnet.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (vit.FAMILY, efficientnet.FAMILY, levit.FAMILY,
+                                                        swin.FAMILY)}
 PRESETS: dict[str, ModelConfig] = {p.name: p for f in FAMILIES.values() for p in f.presets}
 _FAMILY_OF_PRESET = {p.name: f for f in FAMILIES.values() for p in f.presets}
 
