@@ -38,6 +38,17 @@ def bias_correct(w, w_hat):
   return (w_hat - mu_hat) * (sd / jnp.maximum(sd_hat, 1e-12)) + mu
 
 
+def bias_correction_affine(w, w_hat):
+  """`bias_correct` as a per-channel affine map of w_hat: -> (gain, shift), each (out,),
+  with bias_correct(w, w_hat) == gain * w_hat + shift (up to rounding). A channel whose
+  quantized weights are all equal (std 0) maps to its FP mean: gain 0, shift mu."""
+  axes = tuple(range(w.ndim - 1))
+  mu, mu_hat = jnp.mean(w, axes), jnp.mean(w_hat, axes)
+  sd, sd_hat = jnp.std(w, axes), jnp.std(w_hat, axes)
+  gain = jnp.where(sd_hat > 0, sd / jnp.maximum(sd_hat, 1e-12), 0.0)
+  return gain, mu - gain * mu_hat
+
+
 def quantize_kernel(w, scale, zero_point, spec: BitSpec, bias_correction: bool = False,
                     ste: bool = False):
   """One kernel (..., out) fake-quantized per output channel."""

@@ -1,0 +1,94 @@
+"""From a run's workdir to the deployable files (`evolq export`):
+
+  WORKDIR/summary.json (+ run.json)  -> model preset, QuantConfig, checkpoint
+  WORKDIR/qparams.safetensors        -> the run's final QParams (runs write it);
+    older search runs: their newest orbax checkpoint (the held-out pick if any)
+  -> OUT.safetensors (integer model + manifest), OUT.json (the manifest),
+     OUT.stablehlo (the integer forward, jax.export).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from evolq_jax.export import build_export, save_export
+from evolq_jax.integer.artifact import ARTIFACT_SUFFIX, save_artifact
+from evolq_jax.pipeline import load_model
+from evolq_jax.qparams import QPARAMS_FILE, QParams, load_qparams
+from evolq_jax.quant.recipe import QuantConfig
+
+DEFAULT_NAME = "model_int.safetensors"
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_record(workdir: str) -> dict:
+  """The finished run's summary, with model / checkpoint / seed from run.json where present."""
+  summary = _read_json(os.path.join(workdir, "summary.json"))
+  if summary is None:
+    raise FileNotFoundError(f"{workdir!r} holds no summary.json: expected the folder of a "
+                            "finished `evolq eval`, `search` or `demo` run.")
+  config = (_read_json(os.path.join(workdir, "run.json")) or {}).get("config", {})
+  return {"model": summary["model"], "quant": summary["quant"],
+          "checkpoint": config.get("checkpoint", summary.get("checkpoint")),
+          "seed": config.get("seed", summary.get("seed")), "summary": summary}
+
+
+def _orbax_qparams(workdir: str, summary: dict) -> QParams | None:
+  """The result of an older search run from its newest orbax checkpoint."""
+  ckpts = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  if not os.path.isdir(ckpts):
+    return None
+  with ocp.CheckpointManager(ckpts) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    # held-out selection keeps its pick apart; otherwise the result is the last qparams
+    which = "selected" if "selected_pass" in summary else "qparams"
+    tree = mngr.restore(step, args=ocp.args.Composite(**{which: ocp.args.StandardRestore()}))
+  tree = jax.tree.map(np.asarray, dict(tree[which]))
+  return QParams(weights=tree["weights"], acts=tree["acts"])
+
+
+def run_qparams(workdir: str, summary: dict) -> QParams:
+  path = os.path.join(workdir, QPARAMS_FILE)
+  if os.path.exists(path):
+    return load_qparams(path)
+  if "final_top1" in summary:
+    qparams = _orbax_qparams(workdir, summary)
+    if qparams is not None:
+      return qparams
+  raise FileNotFoundError(
+      f"{workdir!r} holds neither {QPARAMS_FILE} nor a finished search's checkpoints: "
+      "rerun it with this version of evolq (runs now write their final QParams there).")
+
+
+def export_run(workdir: str, out: str | None = None, artifact: bool = True) -> dict:
+  """Export a finished run. -> {"export", "manifest"[, "artifact"]: paths}."""
+  rec = run_record(workdir)
+  if rec["checkpoint"] == "random" and rec["seed"] is None:
+    raise ValueError(f"{workdir!r} ran on random weights but records no seed: its weights "
+                     "cannot be rebuilt. Export a run of a real checkpoint.")
+  c = ml_collections.ConfigDict({"model": rec["model"], "checkpoint": rec["checkpoint"],
+                                 "seed": rec["seed"] or 0})
+  cfg, params = load_model(c)
+  qcfg = QuantConfig(**rec["quant"])
+  source = {"workdir": os.path.abspath(workdir), "checkpoint": rec["checkpoint"],
+            **{k: rec["summary"][k] for k in ("final_top1", "init_top1", "fp_top1", "code")
+               if k in rec["summary"]}}
+  export = build_export(cfg, qcfg, params, run_qparams(workdir, rec["summary"]), source)
+  out = out or os.path.join(workdir, DEFAULT_NAME)
+  paths = save_export(out, export)
+  if artifact:
+    paths["artifact"] = save_artifact(os.path.splitext(out)[0] + ARTIFACT_SUFFIX, export)
+  return paths

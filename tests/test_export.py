@@ -1,0 +1,241 @@
+"""Integer export: the file format (bit-exact round trip), the int8 kernels
+(exact), the integer ViT against the fake-quant model, the jax.export artifact
+in a process without evolq_jax, and `evolq export` on a search run."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.cli import main
+from evolq_jax.config import bits_config, quant_config
+from evolq_jax.export import (SCHEMA_VERSION, build_export, load_export, pack_codes,
+                              ptf_exponents, save_export, unpack_codes)
+from evolq_jax.integer import int_logits, int_matmul, runtime
+from evolq_jax.integer.artifact import load_artifact, save_artifact
+from evolq_jax.integer.kernels import IntLinear, pixel_linear
+from evolq_jax.pipeline import load_data, load_model, predict
+from evolq_jax.qparams import QPARAMS_FILE, QParams
+from evolq_jax.quant.bits import BitSpec
+from evolq_jax.quant.weights import (bias_correct, bias_correction_affine, calibrate_weights,
+                                     quantize_kernel)
+
+N_TEST = 500  # benchmarks/export_size.py checks all 10,000
+
+
+@pytest.fixture(scope="module")
+def fixture():
+  """The bundled fixture, its activations calibrated once (they do not depend on w_bits)."""
+  c = bits_config("W8A8", "vit_fixture_patch4_28", **{"calib.num_images": 100})
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  qcfg = quant_config(c)
+  acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
+  return cfg, qcfg, params, acts, data["test"][0][:N_TEST]
+
+
+def _setting(fixture, **kw):
+  cfg, qcfg, params, acts, _ = fixture
+  qcfg = dataclasses.replace(qcfg, **kw)
+  return qcfg, QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
+
+
+def _parity(fixture, qcfg, qparams, n=N_TEST):
+  cfg, _, params, _, images = fixture
+  fq = predict(cfg, params, images[:n], qcfg, qparams)
+  export = build_export(cfg, qcfg, params, qparams)
+  il = int_logits(export, images[:n])
+  return fq, il, export
+
+
+def _check_parity(fq, il, export, min_agree, max_steps=8):
+  step = float(export.arrays["acts/head_out/scale"])
+  agree = np.mean(fq.argmax(-1) == il.argmax(-1))
+  assert agree >= min_agree, agree
+  # where top-1 differs, the fake-quant model's own top two are within 3 logit steps
+  top2 = np.sort(fq, -1)[:, -2:]
+  margin = (top2[:, 1] - top2[:, 0])[fq.argmax(-1) != il.argmax(-1)]
+  assert np.all(margin <= 3.01 * step), margin / step
+  assert np.max(np.abs(fq - il)) <= max_steps * step  # one flip upstream moves a few steps
+
+
+@pytest.mark.parametrize("w_bits", [8, 4, 3])
+def test_integer_vit_matches_fake_quant(fixture, w_bits):
+  """The reference init (min/max uint weights + bias correction, PTF, uniform softmax)."""
+  qcfg, qparams = _setting(fixture, w_bits=w_bits, bias_correction=True)
+  _check_parity(*_parity(fixture, qcfg, qparams), min_agree=0.995)
+
+
+def test_log2_softmax_signed_weights_and_no_ptf(fixture):
+  """The other quantizers: log2 probabilities, a signed weight grid, uniform LayerNorm inputs
+  (the residual points' PTF scales replaced by one scale per tensor, their largest)."""
+  qcfg, qparams = _setting(fixture, w_bits=4, log2_softmax=True, w_signed=True, ptf=False)
+  resid = lambda path, q: ({**q, "scale": jnp.max(q["scale"])}  # noqa: E731
+                           if jnp.ndim(q["scale"]) else q)
+  acts = jax.tree_util.tree_map_with_path(
+      resid, qparams.acts, is_leaf=lambda x: isinstance(x, dict) and "scale" in x)
+  fq, il, export = _parity(fixture, qcfg, QParams(qparams.weights, acts), 300)
+  assert export.manifest["acts"]["blocks_0/attn/probs"] == {"quantizer": "log2", "bits": 4}
+  assert export.manifest["acts"]["blocks_0/resid1"]["quantizer"] == "uniform"
+  _check_parity(fq, il, export, min_agree=0.99, max_steps=20)  # log2's grid is coarse
+
+
+def test_round_trip_is_bit_exact(fixture, tmp_path):
+  cfg, _, params, _, images = fixture
+  qcfg, qparams = _setting(fixture, w_bits=3, bias_correction=True)
+  export = build_export(cfg, qcfg, params, qparams, source={"note": "test"})
+  paths = save_export(str(tmp_path / "m.safetensors"), export)
+  back = load_export(paths["export"])
+  assert back.manifest == export.manifest
+  assert back.manifest["schema_version"] == SCHEMA_VERSION
+  assert json.loads(open(paths["manifest"]).read()) == export.manifest
+  assert sorted(back.arrays) == sorted(export.arrays)
+  for k, v in export.arrays.items():
+    assert back.arrays[k].dtype == v.dtype and back.arrays[k].shape == v.shape, k
+    assert np.array_equal(back.arrays[k], v), k
+  assert export.arrays["weights/blocks_0/attn/qkv/codes"].size == 96 * 288 // 2  # 2 per byte
+  assert export.arrays["acts/blocks_0/resid1/exponent"].dtype == np.int8
+  a, b = int_logits(export, images[:50]), int_logits(back, images[:50])
+  assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+def test_code_packing_round_trips(bits):
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, (7, 5)).astype(np.uint8)
+  packed = pack_codes(codes, bits)
+  assert packed.size == (18 if bits <= 4 else 35)
+  assert np.array_equal(unpack_codes(packed, bits, (7, 5)), codes)
+
+
+def test_bias_correction_is_a_scale_and_an_input_sum_term():
+  """s'(u - z) + t, the exported form, is the fake-quant's bias-corrected kernel."""
+  from evolq_jax.export import integer_layer
+  w = jax.random.normal(jax.random.key(0), (16, 5)) * jnp.arange(1, 6)
+  w = w.at[:, 4].set(0.3)  # a constant channel: all its codes are equal
+  spec = BitSpec(3)
+  scale, zp = calibrate_weights({"l": {"kernel": w}}, spec)["l"].values()
+  arrays, entry = integer_layer(w, None, scale, zp, spec, bias_correction=True)
+  codes = unpack_codes(arrays["codes"], 3, entry["shape"]).astype(np.float32)
+  rebuilt = arrays["scale"] * (codes - arrays["zero_point"]) + arrays["input_sum_coef"]
+  want = quantize_kernel(w, scale, zp, spec, bias_correction=True)
+  np.testing.assert_allclose(rebuilt[:, :4], want[:, :4], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rebuilt[:, 4], 0.3, rtol=1e-6)  # its FP mean
+  gain, shift = bias_correction_affine(w, w)
+  np.testing.assert_allclose(gain[:4], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(gain[:4] * w[:, :4] + shift[:4], bias_correct(w, w)[:, :4],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_int8_matmul_is_exact():
+  rng = np.random.default_rng(0)
+  a = rng.integers(-128, 128, (2, 3, 7, 40)).astype(np.int8)
+  w = rng.integers(-128, 128, (40, 6)).astype(np.int8)
+  a_off, w_off = np.int32(101), rng.integers(-200, 200, 6).astype(np.int32)
+  acc, a_sum = int_matmul(jnp.asarray(a), jnp.asarray(w), a_off, jnp.asarray(w_off))
+  a64, w64 = a.astype(np.int64) + a_off, w.astype(np.int64) + w_off
+  assert acc.dtype == jnp.int32 and np.array_equal(acc, a64 @ w64)
+  assert np.array_equal(a_sum[..., 0], a64.sum(-1))
+  b = rng.integers(-128, 128, (2, 3, 40, 9)).astype(np.int8)  # batched: attention
+  acc, _ = int_matmul(jnp.asarray(a), jnp.asarray(b), a_off, np.int32(-7))
+  assert np.array_equal(acc, a64 @ (b.astype(np.int64) - 7))
+
+
+def test_pixel_layer_equals_float_on_normalized_pixels():
+  """Per-channel pixel scales and non-integer zero points, with bias correction's term."""
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (4, 10, 16, 3)).astype(np.uint8)
+  w8 = rng.integers(-128, 128, (16, 3, 5)).astype(np.int8)
+  layer = IntLinear(w=jnp.asarray(w8), w_offset=jnp.asarray(rng.integers(-20, 20, 5), jnp.int32),
+                    scale=jnp.asarray(rng.uniform(0.01, 0.02, 5), jnp.float32),
+                    bias=jnp.asarray(rng.normal(size=5), jnp.float32),
+                    sum_coef=jnp.asarray(rng.normal(size=5) * 1e-3, jnp.float32))
+  grid = {"scale": jnp.asarray([0.017, 0.018, 0.016], jnp.float32),
+          "zero_point": jnp.asarray([123.7, 116.3, 103.5], jnp.float32)}
+  y = pixel_linear(jnp.asarray(pixels), grid, layer)
+  x = (pixels.astype(np.float64) - np.asarray(grid["zero_point"])) * np.asarray(grid["scale"])
+  w = (w8.astype(np.float64) + np.asarray(layer.w_offset)) * np.asarray(layer.scale) \
+      + np.asarray(layer.sum_coef)
+  want = np.einsum("bnkc,kco->bno", x, w) + np.asarray(layer.bias)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+
+
+def test_ptf_exponents_and_clear_errors(fixture, tmp_path):
+  base, e = ptf_exponents(np.float32(0.03) * 2.0 ** np.array([2, 0, 3, 1], np.float32))
+  assert float(base) == np.float32(0.03) and e.tolist() == [2, 0, 3, 1]
+  with pytest.raises(ValueError, match="not power-of-two multiples"):
+    ptf_exponents(np.array([0.1, 0.3], np.float32))
+  cfg, qcfg, params, acts, _ = fixture
+  bad = jax.tree.map(lambda x: x, acts)
+  bad["patch_out"] = {**bad["patch_out"], "zero_point": bad["patch_out"]["zero_point"] + 0.5}
+  with pytest.raises(ValueError, match="'patch_out' holds non-integer zero point"):
+    build_export(cfg, qcfg, params, QParams(calibrate_weights(params, qcfg.w_spec), bad))
+  with pytest.raises(ValueError, match="no 'evolq_manifest' manifest"):
+    load_export("evolq_jax/checkpoints/vit_fixture_patch4_28.safetensors")
+  export = build_export(cfg, qcfg, params, QParams(calibrate_weights(params, qcfg.w_spec), acts))
+  export.manifest["schema_version"] = 99
+  path = save_export(str(tmp_path / "v99.safetensors"), export)["export"]
+  with pytest.raises(ValueError, match="version 99: this evolq_jax reads"):
+    load_export(path)
+  export.manifest["model"]["family"] = "swin"
+  with pytest.raises(ValueError, match="family 'swin' has no integer forward"):
+    int_logits(export, np.zeros((1, 28, 28, 1), np.float32))
+
+
+def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
+  cfg, _, params, _, images = fixture
+  qcfg, qparams = _setting(fixture, w_bits=4, bias_correction=True)
+  export = build_export(cfg, qcfg, params, qparams)
+  path = save_artifact(str(tmp_path / "m.stablehlo"), export)
+  grid = export.arrays
+  pixels = np.clip(np.round(images[:64] / grid["input/scale"] + grid["input/zero_point"]),
+                   0, 255).astype(np.uint8)
+  np.save(tmp_path / "pixels.npy", pixels)
+  code = ("import sys, numpy as np, jax\n"
+          f"e = jax.export.deserialize(bytearray(open({path!r}, 'rb').read()))\n"
+          f"np.save({str(tmp_path / 'out.npy')!r}, np.asarray(e.call(np.load("
+          f"{str(tmp_path / 'pixels.npy')!r}))))\n"
+          "assert not any(m.startswith('evolq_jax') for m in sys.modules), 'imported evolq_jax'\n")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path), env=env)
+  out = np.load(tmp_path / "out.npy")
+  assert np.array_equal(out, np.asarray(load_artifact(path)(pixels)))  # same program, same bits
+  il = int_logits(export, images[:64])  # jit with the weights as arguments: XLA may round apart
+  assert np.mean(out.argmax(-1) == il.argmax(-1)) >= 0.98
+  assert np.max(np.abs(out - il)) <= 3.01 * float(grid["acts/head_out/scale"])
+
+
+def test_evolq_export_on_a_tiny_search_run(tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  sets = ["calib.num_images=100", "eval.limit=100", "eval.batch_size=100", "search.passes=1",
+          "search.generations=1", "search.children=1", "search.pool=2", "search.tournament=2"]
+  assert main(["search", "--config", "configs/fixture_w3a8.py", "--workdir", workdir]
+              + sum([["--set", s] for s in sets], [])) == 0
+  assert main(["export", "--workdir", workdir]) == 0
+  out = capsys.readouterr().out
+  for name in ("model_int.safetensors", "model_int.json", "model_int.stablehlo"):
+    assert os.path.join(workdir, name) in out
+  export = load_export(os.path.join(workdir, "model_int.safetensors"))
+  assert export.manifest["model"]["preset"] == "vit_fixture_patch4_28"
+  assert export.manifest["quant"]["w_bits"] == 3
+  # the integer model is the run's quantized model: same top-1 as its fake-quant forward
+  c = bits_config("W3A8", "vit_fixture_patch4_28", **{"eval.limit": 100})
+  cfg, params = load_model(c)
+  images = load_data(c, cfg)["test"][0]
+  from evolq_jax.qparams import load_qparams
+  qparams = load_qparams(os.path.join(workdir, QPARAMS_FILE))
+  fq = predict(cfg, params, images, quant_config(c), qparams)
+  assert np.mean(fq.argmax(-1) == int_logits(export, images).argmax(-1)) >= 0.99
+  # an older run without qparams.safetensors: rebuilt from its orbax checkpoint, the same file
+  os.remove(os.path.join(workdir, QPARAMS_FILE))
+  other = str(tmp_path / "from_orbax.safetensors")
+  assert main(["export", "--workdir", workdir, "--out", other, "--no-artifact"]) == 0
+  again = load_export(other)
+  assert all(np.array_equal(again.arrays[k], v) for k, v in export.arrays.items())
+  assert main(["export", "--workdir", str(tmp_path / "nothing")]) == 2
+  assert "holds no summary.json" in capsys.readouterr().err
