@@ -31,7 +31,7 @@ PRESETS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 # timm's own code at small sizes: 96 px -> token grids 6, 3 (odd: ceil subsampling), 2.
 TINY_KW = dict(img_size=96, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 4),
                depth=(1, 1, 1), num_classes=10)
-TINY = dataclasses.replace(get_preset("levit_128s"), **TINY_KW)
+TINY = dataclasses.replace(get_preset("levit_128s"), name="levit_tiny_test", **TINY_KW)
 # min/max observers: OMSE's per-point search compiles slowly (the CLI test runs it)
 QCFG = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
 N, LB = 40, 20

@@ -22,6 +22,9 @@ tokens (B, H*W, C) in timm's row-major order):
   resid1, resid2                     outputs of the attention and MLP residuals (PTF)
   postblocks, pool_out, head_out, head_dist_out, logits_out: the last tokens,
     their mean, both heads and their average (timm's eval-mode output)
+The reference quantizes the stem output and the last tokens twice (PTF, then
+per tensor on the same range), so values can sit exactly on half steps of the
+second grid: programs that round differently (vmapped or not) may then differ.
 Units: each attention module (LevitBlock's Attention, LevitDownsample's
 AttentionSubsample) with the MLP residual after it: group "attn" holds qkv,
 proj (kv, q, proj), group "mlp" holds ln1, ln2.
