@@ -120,6 +120,14 @@ def cmd_landscape(args):
     print(f"  {path}")
 
 
+def cmd_export(args):
+  from evolq_jax.deploy import export_run
+  paths = export_run(args.workdir, args.out, artifact=not args.no_artifact)
+  print(f"integer export of {args.workdir}:")
+  for path in paths.values():
+    print(f"  {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)")
+
+
 def _flat(grid):
   return [v for row in grid for v in row] if grid and isinstance(grid[0], list) else grid
 
@@ -171,6 +179,11 @@ def build_parser():
                  help="test images for the top-1 (0: no accuracy)")
   s.add_argument("--seed", type=int, default=None,
                  help="seed of the random direction(s) (default: the config's seed)")
+  s = add("export", cmd_export, "a finished run -> integer model (.safetensors + .json manifest) "
+          "and its jax.export artifact (.stablehlo)", config=False)
+  s.add_argument("--out", default=None,
+                 help="FILE.safetensors (default WORKDIR/model_int.safetensors)")
+  s.add_argument("--no-artifact", action="store_true", help="skip the .stablehlo artifact")
   return p
 
 

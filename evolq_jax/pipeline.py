@@ -20,6 +20,7 @@ from evolq_jax.config import QuantConfig, quant_config, search_config
 from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
 from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
+from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
 from evolq_jax.workdir import code_version, open_run
 
@@ -195,10 +196,11 @@ def run_eval(c, workdir: str | None = None, progress: bool = True,
 
 
 def _eval(c, workdir, progress, start) -> dict:
-  summary = _calibrated(c, progress)[6]
+  qparams, summary = _calibrated(c, progress)[5:7]
   summary["seconds"] = round(time.time() - start, 2)
   if workdir:
     summary["code"] = code_version()
+    save_qparams(os.path.join(workdir, QPARAMS_FILE), qparams)  # for `evolq export`
     _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
@@ -250,6 +252,7 @@ def _search(c, workdir, resume, progress, start) -> dict:
       "fitness_init": result.fitness_init, "fitness_final": result.fitness_final,
       "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
       "seconds": round(time.time() - start, 2), "code": code_version()})
+  save_qparams(os.path.join(workdir, QPARAMS_FILE), result.qparams)  # for `evolq export`
   _write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
