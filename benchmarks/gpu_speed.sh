@@ -35,7 +35,7 @@ EOF
 timeout 540 python benchmarks/speed.py \
   --models deit_tiny_patch16_224 deit_small_patch16_224 \
   --calib-images 1000 --loss-batch 100 --population 15 --seq-candidates 15 \
-  --chunk 0 --memory-mb 40000 --no-torch --name speed_gpu
+  --chunk 0 --memory-mb 40000 --no-torch --no-search --name speed_gpu
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/speed_gpu.md benchmarks/results/speed_gpu.json "$OUT"/
 fi

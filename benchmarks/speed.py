@@ -2,6 +2,8 @@
 
   python benchmarks/speed.py [--models M ...] [--calib-images 1000] [--population 15]
       [--loss-batch 100] [--seq-candidates 15] [--memory-mb 0] [--no-bf16] [--no-torch]
+      [--search-model vit_fixture_patch4_28] [--search-images 1000] [--search-passes 10]
+      [--int-images 256] [--int-batch 64]
   ->  benchmarks/results/{--name}.md, .json
 
 Per model, side by side in one process (random weights and images: speed does
@@ -13,143 +15,47 @@ not depend on them; W4A8, min/max observers):
   (d) (c) computing in bfloat16;
   (e) the reference's way in PyTorch: timm's model, every Linear's weight
       fake-quantized per channel and its input per tensor on every call, one
-      candidate at a time, eager fp32.
-Times exclude compilation (reported apart). FLOPs are counted analytically
-(matmuls and convolutions, 2 per multiply-add); the peak is a 2048^2 fp32
-matmul measured in the same run.
+      candidate at a time, eager fp32 (speed_torch.py);
+  (f) inference in images/s: the fp32 forward, the fake-quant forward and the
+      exported integer model (W8A8), and an int8 vs fp32 matmul (speed_integer.py).
+Times of (a)-(e) exclude compilation (reported apart). FLOPs are counted
+analytically (matmuls and convolutions, 2 per multiply-add); the peak is a
+2048^2 fp32 matmul measured in the same run. Then whole searches at the paper's
+budget on --search-model, measured end to end, compilation included
+(speed_search.py). Run it on an idle machine: the load average at the start is
+recorded, and a warning is printed (and recorded) when it is above --max-load.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
-import glob
 import os
-import re
 import sys
-import tempfile
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from common import git_commit, write_results
+from speed_common import (QCFG, TEMPERATURE, PeakRSS, device_peak_mib, forward_flops,
+                          full_loss_fn, matmul_peak, mode_record, population, xla_mib)
+from speed_integer import matmul_int8_vs_fp32, run_integer_modes
+from speed_profile import profile_cached
+from speed_search import run_search_modes
 
 from evolq_jax.calibrate import calibrate
-from evolq_jax.config import QuantConfig
-from evolq_jax.losses import get_loss
-from evolq_jax.models import get_preset, init_params, quantize_params, quantized_logits
-from evolq_jax.search import (
-  SearchConfig,
-  population_fitness,
-  prefix_activations,
-  searched_scales,
-  set_scales,
-)
+from evolq_jax.models import get_preset, init_params, load_params, quantize_params
+from evolq_jax.pipeline import bundled_checkpoint
+from evolq_jax.search import population_fitness, prefix_activations, searched_scales
+from evolq_jax.search import SearchConfig
 from evolq_jax.search import fitness as fit_mod
 from evolq_jax.search.fitness import reference_logits
-
-QCFG = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
-TEMPERATURE = 3.0
-
-
-# --- measuring ------------------------------------------------------------------
-
-class PeakRSS:
-  """Peak resident memory (MiB above the start) while the block runs, sampled."""
-
-  @staticmethod
-  def rss() -> int:
-    with open("/proc/self/statm") as f:  # Linux; pages
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-  def __enter__(self):
-    self.stop = threading.Event()
-    self.start = self.peak = self.rss()
-    self.thread = threading.Thread(target=self._sample, daemon=True)
-    self.thread.start()
-    return self
-
-  def _sample(self):
-    while not self.stop.wait(0.005):
-      self.peak = max(self.peak, self.rss())
-
-  def __exit__(self, *exc):
-    self.stop.set()
-    self.thread.join()
-    self.mib = (self.peak - self.start) / 2 ** 20
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-  """GFLOP/s of the best of `reps` jitted n x n fp32 matmuls."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, a).block_until_ready()
-  best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(reps))
-  return 2 * n ** 3 / best / 1e9
-
-
-def _timed(fn):
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
-def xla_mib(compiled) -> float:
-  m = compiled.memory_analysis()
-  if m is None:
-    return float("nan")
-  return (m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes) / 2 ** 20
-
-
-def device_peak_mib():
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", 0) / 2 ** 20 or None
-
-
-# --- FLOPs (analytic) -----------------------------------------------------------
-
-def block_flops(cfg) -> int:
-  """Matmul FLOPs of one encoder block on one image."""
-  t, d = cfg.num_patches + 1, cfg.embed_dim
-  return 2 * t * d * (3 * d + d + 2 * cfg.mlp_hidden) + 2 * 2 * t * t * d
-
-
-def forward_flops(cfg, first_block: int = 0) -> int:
-  """Per image: blocks first_block..end + head, + patch embedding when from images."""
-  embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.in_chans * cfg.embed_dim
-  head = 2 * cfg.embed_dim * cfg.num_classes
-  return (embed if first_block == 0 else 0) + (cfg.depth - first_block) * block_flops(cfg) + head
 
 
 # --- the JAX modes --------------------------------------------------------------
 
-def full_loss_fn(cfg, block, layout, loss_batch):
-  """f(vec, params, qparams, images, fp_ref): one candidate's loss with the full quantized
-  forward (every weight re-quantized). Arrays are arguments, not constants, so XLA
-  cannot fold the weight quantization at compile time."""
-  loss = get_loss("infonce")
-
-  def f(vec, params, qparams, images, fp_ref):
-    n = images.shape[0] // loss_batch
-    xs = images[:n * loss_batch].reshape((n, loss_batch) + images.shape[1:])
-    ks = fp_ref[:n * loss_batch].reshape(n, loss_batch, -1)
-    qp = set_scales(qparams, vec, layout)
-    return jnp.mean(jax.lax.map(
-        lambda a: loss(quantized_logits(cfg, QCFG, params, qp, a[0]), a[1], TEMPERATURE),
-        (xs, ks)))
-  return f
-
-
 def to_bf16(tree):
   return jax.tree.map(lambda a: a.astype(jnp.bfloat16)
                       if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def population(vec0, k, seed):
-  noise = jax.random.uniform(jax.random.key(seed), (k, vec0.shape[0]), minval=0.98, maxval=1.02)
-  return vec0[None] * noise
 
 
 def chunk_for(args_, memory_mb, pop, compile_one):
@@ -159,14 +65,6 @@ def chunk_for(args_, memory_mb, pop, compile_one):
   per = compile_one().memory_analysis().temp_size_in_bytes
   return fit_mod.chunk_for_budget(memory_mb, per, fit_mod.tree_bytes(args_) +
                                   fit_mod.tree_bytes(pop), pop.shape[0])
-
-
-def mode_record(seconds, n_cand, flops_per_cand, peak, rss_mib, xla, compile_s, **extra):
-  per = seconds / n_cand
-  return {"seconds_per_candidate": per, "candidates_per_second": 1 / per,
-          "candidates_timed": n_cand, "gflop_per_candidate": flops_per_cand / 1e9,
-          "gflop_s": flops_per_cand / per / 1e9, "fraction_of_peak": flops_per_cand / per / 1e9 / peak,
-          "peak_rss_mib": rss_mib, "xla_buffers_mib": xla, "compile_s": compile_s, **extra}
 
 
 def run_jax_modes(cfg, n_images, pop_size, seq, loss_batch, memory_mb, chunk_opt, bf16, peak,
@@ -283,227 +181,6 @@ def run_jax_modes(cfg, n_images, pop_size, seq, loss_batch, memory_mb, chunk_opt
   return out, ctx
 
 
-# --- (e) the reference's way in PyTorch ---------------------------------------
-
-def import_timm():
-  import torch
-  for op in ("nms", "qnms"):
-    with contextlib.suppress(Exception):  # already defined
-      torch.library.define(f"torchvision::{op}",
-                           "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  import timm
-  return torch, timm
-
-
-def run_torch_reference(cfg, images_nhwc, n_cand, loss_batch, peak, log):
-  """timm's model, every nn.Linear fake-quantized on each call, one candidate at a time."""
-  torch, timm = import_timm()
-  nn, fn = torch.nn, torch.nn.functional
-  torch.set_num_threads(os.cpu_count())
-  w_levels, a_levels = 2 ** QCFG.w_bits - 1, 2 ** QCFG.a_bits - 1
-
-  def fake(x, scale, zp, levels):
-    return (torch.clamp(torch.round(x / scale) + zp, 0, levels) - zp) * scale
-
-  def minmax(lo, hi, levels):
-    lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
-    scale = torch.clamp((hi - lo) / levels, min=1e-8)
-    return scale, torch.round(-lo / scale)
-
-  class QLinear(nn.Module):
-    def __init__(self, lin):
-      super().__init__()
-      self.weight, self.bias = lin.weight, lin.bias
-      w = lin.weight.detach()
-      self.w_scale, self.w_zp = minmax(w.min(1).values, w.max(1).values, w_levels)
-      self.x_scale = self.x_zp = None
-      self.lo, self.hi = torch.tensor(0.0), torch.tensor(0.0)
-
-    def forward(self, x):
-      if self.x_scale is None:  # calibration pass: record the input range
-        self.lo, self.hi = torch.minimum(self.lo, x.min()), torch.maximum(self.hi, x.max())
-        return fn.linear(x, self.weight, self.bias)
-      xq = fake(x, self.x_scale, self.x_zp, a_levels)
-      wq = fake(self.weight, self.w_scale[:, None], self.w_zp[:, None], w_levels)
-      return fn.linear(xq, wq, self.bias)
-
-  from timm.models.vision_transformer import VisionTransformer
-  torch.manual_seed(0)
-  model = VisionTransformer(img_size=cfg.img_size, patch_size=cfg.patch_size,
-                            in_chans=cfg.in_chans, num_classes=cfg.num_classes,
-                            embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                            mlp_ratio=cfg.mlp_ratio).eval()  # = timm's deit_* for the presets
-  qlins = {}
-  for mod_name, mod in list(model.named_modules()):
-    for child, sub in list(mod.named_children()):
-      if isinstance(sub, nn.Linear):
-        q = QLinear(sub)
-        setattr(mod, child, q)
-        qlins[f"{mod_name}.{child}".lstrip(".")] = q
-  x = torch.from_numpy(np.asarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
-  batches = list(torch.split(x, loss_batch))[:len(x) // loss_batch]
-  with torch.no_grad():
-    fp = [model(xb) for xb in batches]  # FP logits, once (the Linear calibration pass too)
-    for q in qlins.values():
-      q.x_scale, q.x_zp = minmax(q.lo, q.hi, a_levels)
-    searched = [qlins["blocks.0.attn.qkv"], qlins["blocks.0.attn.proj"]]
-    base = [q.w_scale.clone() for q in searched]
-    gen = torch.Generator().manual_seed(0)
-
-    def info_nce(q, k):
-      sim = fn.normalize(q, dim=-1) @ fn.normalize(k, dim=-1).T / TEMPERATURE
-      return 2 * TEMPERATURE * fn.cross_entropy(sim, torch.arange(len(q)))
-
-    def one_candidate():
-      for q, s in zip(searched, base):
-        q.w_scale = s * (0.98 + 0.04 * torch.rand(s.shape, generator=gen))
-      return float(torch.stack([info_nce(model(xb), k) for xb, k in zip(batches, fp)]).mean())
-
-    one_candidate()  # warm-up
-    with PeakRSS() as m:
-      t = time.perf_counter()
-      fits = [one_candidate() for _ in range(n_cand)]
-      secs = time.perf_counter() - t
-  flops = forward_flops(cfg) * len(batches) * loss_batch
-  rec = mode_record(secs, n_cand, flops, peak, m.mib, float("nan"), 0.0,
-                    torch_version=torch.__version__, timm_version=timm.__version__,
-                    threads=torch.get_num_threads(), fitness=fits)
-  log(f"(e) {rec['seconds_per_candidate']:.3f} s/candidate")
-  return rec
-
-
-# --- the profile of (c) ---------------------------------------------------------
-
-CATEGORIES = ("linear matmuls", "attention matmuls", "activation fake-quant", "softmax",
-              "gelu", "layernorm", "weight re-quant, loss, copies")
-
-
-def _category(op_name: str, is_dot: bool) -> str:
-  if is_dot:
-    linear = re.search(r"/(qkv|proj|fc1|fc2|head|patch_embed)/", op_name)
-    return "linear matmuls" if linear else "attention matmuls"
-  if "VisionTransformer" not in op_name:
-    return "weight re-quant, loss, copies"
-  for key, cat in (("qpoint", "activation fake-quant"), ("softmax", "softmax"),
-                   ("gelu", "gelu"), ("erf", "gelu"), ("LayerNorm", "layernorm"),
-                   ("norm", "layernorm")):
-    if key in op_name:
-      return cat
-  return "weight re-quant, loss, copies"
-
-
-def hlo_categories(hlo_text: str) -> dict:
-  """HLO instruction name -> category, from each instruction's metadata op_name."""
-  bodies, current = {}, None
-  for line in hlo_text.splitlines():
-    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m:
-      current = m.group(1)
-      bodies[current] = []
-    elif current:
-      bodies[current].append(line)
-  out = {}
-  for line in hlo_text.splitlines():
-    m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-    if not m:
-      continue
-    op = re.search(r'op_name="([^"]*)"', line)
-    op_name = op.group(1) if op else ""
-    called = re.search(r"calls=%?([\w.\-]+)", line)
-    body = "\n".join(bodies.get(called.group(1), [])) if called else ""
-    is_dot = bool(re.search(r"= [^=]*\b(dot|convolution)\(", line + "\n" + body)) or \
-        "ynn_fusion" in m.group(1) or "gemm" in line
-    if not op_name and body:  # a fusion without metadata: take its first op's
-      inner = re.search(r'op_name="([^"]*)"', body)
-      op_name = inner.group(1) if inner else ""
-    out[m.group(1)] = _category(op_name, is_dot)
-  return out
-
-
-def profile_run(exe, call, hlo_text):
-  """Trace one call; -> (wall s, busy s, {category: op-seconds summed over threads})."""
-  cats = hlo_categories(hlo_text)
-  logdir = tempfile.mkdtemp(prefix="evolq_speed_prof_")
-  jax.profiler.start_trace(logdir)
-  t = time.perf_counter()
-  call()
-  wall = time.perf_counter() - t
-  jax.profiler.stop_trace()
-  from jax.profiler import ProfileData
-  pd = ProfileData.from_file(max(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)))
-  per_cat, spans = collections.Counter(), []
-  for plane in pd.planes:
-    for line in plane.lines:
-      for ev in line.events:
-        cat = cats.get(ev.name)
-        if cat is None or ev.name.startswith(("while", "call", "conditional")):
-          continue  # containers and host events: their children are counted
-        per_cat[cat] += ev.duration_ns / 1e9
-        spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-  busy, end = 0.0, -1
-  for a, b in sorted(spans):  # union of op intervals: time some op was running
-    if b > end:
-      busy += (b - max(a, end)) / 1e9
-      end = b
-  return wall, busy, dict(per_cat)
-
-
-def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
-  """XLA cost analysis, an op-time breakdown and a chunk sweep of (c) at one block."""
-  scfg = SearchConfig(loss_batch=loss_batch)
-  tokens = prefix_activations(cfg, QCFG, ctx["params"], ctx["qparams"], ctx["images"], block,
-                              loss_batch)
-  v0, lay = searched_scales(cfg, QCFG, ctx["qparams"], block, scfg.space)
-  pb = population(v0, pop_size, block)
-  args_ = (ctx["params"], ctx["fq"], ctx["qparams"], tokens, ctx["fp_ref"])
-  static = (cfg, QCFG, block, lay, "infonce", TEMPERATURE, loss_batch)
-  sweep = {}
-  for chunk in sorted({1, 3, pop_size}):
-    exe = population_fitness.lower(*static, chunk, pb, *args_).compile()
-    exe(pb, *args_).block_until_ready()
-    sweep[chunk] = {"seconds_per_candidate":
-                    _timed(lambda e=exe: e(pb, *args_).block_until_ready()) / pop_size,
-                    "xla_temp_mib": exe.memory_analysis().temp_size_in_bytes / 2 ** 20}
-    log(f"profile block {block} chunk {chunk}: {sweep[chunk]}")
-  best = min(sweep, key=lambda c: sweep[c]["seconds_per_candidate"])
-  exe = population_fitness.lower(*static, best, pb, *args_).compile()
-  cost = exe.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  wall, busy, per_cat = profile_run(exe, lambda: exe(pb, *args_).block_until_ready(),
-                                    exe.as_text())
-  total = sum(per_cat.values()) or 1.0
-  analytic = forward_flops(cfg, block) * ctx["images"].shape[0]
-  return {"block": block, "chunk_sweep": sweep, "chunk_profiled": best, "wall_s": wall,
-          "ops_busy_s": busy, "idle_fraction": max(0.0, 1 - busy / wall),
-          "op_seconds": per_cat,
-          "op_fraction": {k: v / total for k, v in sorted(per_cat.items(), key=lambda i: -i[1])},
-          "xla_cost_flops_per_loop_body": float(cost.get("flops", 0)),
-          "xla_cost_bytes_accessed_per_loop_body": float(cost.get("bytes accessed", 0)),
-          "analytic_matmul_flops_per_candidate": analytic}
-
-
-# --- the whole search, extrapolated ----------------------------------------------
-
-def extrapolate_search(cfg, res, n_images, passes=10, generations=3, children=1):
-  """Wall time of the paper's budget from measured per-block times (an extrapolation)."""
-  per_block_evals = generations * children + 1  # + the block's starting scales
-  rows = res["c_population_cached"]["blocks"]
-  ours = passes * sum(r["prefix_s"] + per_block_evals * r["seconds_per_candidate"] for r in rows)
-  ours_compile = res["c_population_cached"]["compile_s"]
-  evals = passes * cfg.depth * per_block_evals
-  out = {"passes": passes, "generations": generations, "children": children,
-         "pool": 15, "candidate_evaluations": evals, "calib_images": n_images,
-         "c_engine_s": ours + ours_compile, "c_engine_compile_s": ours_compile,
-         "a_sequential_s": evals * res["a_sequential_full"]["seconds_per_candidate"]}
-  if "e_reference_torch" in res:
-    out["e_reference_torch_s"] = evals * res["e_reference_torch"]["seconds_per_candidate"]
-  scale = 1000 / n_images
-  out["at_1000_images"] = {k: v * scale for k, v in out.items()
-                           if k.endswith("_s") and k != "c_engine_compile_s"}
-  out["at_1000_images"]["c_engine_s"] = ours * scale + ours_compile
-  return out
-
-
 # --- report -----------------------------------------------------------------------
 
 MODES = [("a_sequential_full", "(a) sequential, full forward"),
@@ -554,17 +231,14 @@ def markdown(payload) -> str:
     ratios = res["ratios"]
     lines += ["Ratios (per candidate): " + ", ".join(f"{k} **{v:.2f}×**" for k, v in ratios.items())
               + ".", ""]
-    ex = res["search_extrapolation"]
-    lines += [f"Full search, paper budget (P={ex['passes']}, K={ex['generations']}, pool "
-              f"{ex['pool']}, {ex['children']} child per cycle: {ex['candidate_evaluations']} "
-              f"candidate evaluations), **extrapolated** from the per-block times above: "
-              f"engine (c) {ex['c_engine_s']:.0f} s (compile {ex['c_engine_compile_s']:.0f} s "
-              f"included), sequential (a) {ex['a_sequential_s']:.0f} s"
-              + (f", PyTorch reference (e) {ex['e_reference_torch_s']:.0f} s"
-                 if "e_reference_torch_s" in ex else "")
-              + f" at {ex['calib_images']} images; linearly scaled to 1,000 images: "
-              + ", ".join(f"{k} {v / 60:.1f} min" for k, v in ex["at_1000_images"].items()) + ".",
-              ""]
+    if "f_integer" in res:
+      f = res["f_integer"]
+      lines += [f"(f) inference, {f['setting']}, batch {f['batch']}, images per second: fp32 "
+                f"{f['fp32']['images_per_second']:.1f}, fake-quant "
+                f"{f['fake_quant']['images_per_second']:.1f}, integer "
+                f"{f['integer']['images_per_second']:.1f}: integer / fp32 "
+                f"**{f['int8_vs_fp32']:.2f}×**, integer / fake-quant "
+                f"{f['int8_vs_fake_quant']:.2f}×.", ""]
     if "profile" in res:
       p = res["profile"]
       lines += [f"Profile of (c) at block {p['block']} (chunk {p['chunk_profiled']}, "
@@ -575,6 +249,12 @@ def markdown(payload) -> str:
                 + ", ".join(f"chunk {c}: {v['seconds_per_candidate']:.3f} "
                             f"({v['xla_temp_mib']:.0f} MiB XLA temp)"
                             for c, v in p["chunk_sweep"].items()) + ".", ""]
+  if "search" in payload:
+    lines += search_markdown(payload["search"])
+  if "int8_matmul" in m:
+    mm = m["int8_matmul"]
+    lines += [f"2048² matmul in this run: int8 → int32 {mm['int8_gop_s']:.0f} GOP/s, fp32 "
+              f"{mm['fp32_gflop_s']:.0f} GFLOP/s ({mm['int8_over_fp32']:.2f}×).", ""]
   lines += NOTES.splitlines()
   gpu = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speed_gpu.md")
   lines += ["", "## On a GPU", "",
@@ -585,6 +265,33 @@ def markdown(payload) -> str:
             "(b)/(a) on a GPU, where vmapping the population is expected to pay, is still "
             "unmeasured."]
   return "\n".join(lines) + "\n"
+
+
+SEARCH_MODES = [("engine_children_1", "engine, 1 child per cycle (the reference's schedule)"),
+                ("engine_generation_parallel", "engine, the cycle's children in one call"),
+                ("sequential_full_forward", "sequential loop, jitted full forward"),
+                ("reference_torch", "reference's way, PyTorch eager")]
+
+
+def search_markdown(s) -> list:
+  e1 = s["engine_children_1"]["seconds"]
+  lines = [f"## Whole search at the paper's budget, measured ({s['model']})", "",
+           (f"{s['passes']} passes × {s['generations']} cycles, "
+            f"{s['engine_children_1']['candidate_evaluations']} candidate evaluations, "
+            f"{s['calib_images']} calibration images, {s['quant']}; wall time of each search "
+            f"call, compilation included (FQ-ViT calibration before it: "
+            f"{s['calibration_s']:.1f} s, not counted)."), "",
+           "| way | seconds | evaluations | × vs engine (1 child) | calibration loss start → end |",
+           "|---|---|---|---|---|"]
+  for key, label in SEARCH_MODES:
+    r = s.get(key)
+    if r is None:
+      continue
+    lines.append(f"| {label} | {r['seconds']:.1f} | {r['candidate_evaluations']} | "
+                 f"{r['seconds'] / e1:.2f} | {r['fitness_start']:.4f} → {r['fitness_final']:.4f} |")
+  lines += ["", "Ratios: " + ", ".join(f"{k} **{v:.2f}×**" for k, v in s["ratios"].items()) + ".",
+            "(The PyTorch model has random weights: its loss values are not comparable.)", ""]
+  return lines
 
 
 NOTES = """
@@ -617,6 +324,43 @@ NOTES = """
 """
 
 
+def summary(payload, args) -> dict:
+  """The headline ratios: per candidate from deit_tiny (else the first model), the whole
+  search from the measured end-to-end runs, (f) per model."""
+  models, search_res = payload["models"], payload.get("search") or {}
+  name = "deit_tiny_patch16_224" if "deit_tiny_patch16_224" in models else next(iter(models))
+  res = models[name]
+  ratios = search_res.get("ratios", {})
+  return {
+      "model": name, "calib_images": args.calib_images,
+      "cached_vs_sequential": res["ratios"]["cached_vs_sequential"],
+      "cached_vs_reference": res["ratios"].get("cached_vs_reference"),
+      "cached_fraction_of_peak": res["c_population_cached"]["fraction_of_peak"],
+      "population_full_vs_sequential": res["ratios"]["population_full_vs_sequential"],
+      "search_model": search_res.get("model"),
+      "search_vs_reference_end_to_end": ratios.get("engine_vs_reference"),
+      "search_parallel_vs_reference_end_to_end": ratios.get("generation_parallel_vs_reference"),
+      "search_vs_sequential_end_to_end": ratios.get("engine_vs_sequential"),
+      "int8_vs_fp32": res.get("f_integer", {}).get("int8_vs_fp32"),
+      "int8_vs_fp32_by_model": {k: r["f_integer"]["int8_vs_fp32"] for k, r in models.items()
+                                if "f_integer" in r},
+      "load_start": payload["machine"]["load_start"],
+      "idle_at_start": payload["machine"]["idle_at_start"],
+      "device": payload["machine"]["device"], "git_commit": payload["git_commit"]}
+
+
+def search_inputs(cfg, n_images):
+  """The search's params and calibration images: the fixture's bundled weights and
+  training images; other models random (speed does not depend on them)."""
+  if cfg.name == "vit_fixture_patch4_28":
+    from evolq_jax.data import load_split
+    images, _ = load_split({"source": "bundled"}, "train", cfg, limit=n_images, seed=0)
+    return load_params(bundled_checkpoint(cfg.name), cfg), images
+  images = jax.random.normal(jax.random.key(1), (n_images, cfg.img_size, cfg.img_size,
+                                                 cfg.in_chans))
+  return init_params(cfg, jax.random.key(0)), np.asarray(images)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--models", nargs="+",
@@ -634,6 +378,20 @@ def main():
   ap.add_argument("--no-bf16", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--no-profile", action="store_true")
+  ap.add_argument("--search-model", default="vit_fixture_patch4_28",
+                  help="model of the end-to-end searches (the fixture: its bundled weights)")
+  ap.add_argument("--search-images", type=int, default=1000)
+  ap.add_argument("--search-passes", type=int, default=10)
+  ap.add_argument("--search-generations", type=int, default=3)
+  ap.add_argument("--search-chunk", type=int, default=1,
+                  help="search.chunk of the engine's searches (1: fastest on CPU)")
+  ap.add_argument("--no-search", action="store_true")
+  ap.add_argument("--int-images", type=int, default=256, help="(f): images timed per model")
+  ap.add_argument("--int-batch", type=int, default=64)
+  ap.add_argument("--int-reps", type=int, default=3)
+  ap.add_argument("--no-int", action="store_true")
+  ap.add_argument("--max-load", type=float, default=1.0,
+                  help="warn (and record) when the 1-minute load average at the start is above")
   ap.add_argument("--name", default="speed")
   ap.add_argument("--render", action="store_true",
                   help="only rewrite {name}.md from an existing {name}.json")
@@ -655,6 +413,10 @@ def main():
   machine = {"device": f"{dev.platform}: {dev.device_kind}", "devices": len(jax.devices()),
              "cpu_count": os.cpu_count(), "peak_before": peak_before,
              "load_start": [round(v, 2) for v in os.getloadavg()]}
+  machine["idle_at_start"] = machine["load_start"][0] <= args.max_load
+  if not machine["idle_at_start"]:
+    log(f"WARNING: load average {machine['load_start']} is above {args.max_load}: this machine "
+        "is not idle, so the timings are not final figures.")
   log(f"matmul peak {peak_before:.0f} GFLOP/s on {machine['device']}")
   models = {}
   for name in args.models:
@@ -668,10 +430,14 @@ def main():
                        "memory_mb": args.memory_mb, "quant": QCFG.name}
     if not args.no_torch:
       try:
-        res["e_reference_torch"] = run_torch_reference(cfg, ctx["images"], seq, lb, peak_before,
-                                                       log)
+        from speed_torch import build_reference, time_candidates
+        res["e_reference_torch"] = time_candidates(
+            cfg, build_reference(cfg, ctx["images"], lb), seq, peak_before, log)
       except ImportError as e:
         log(f"(e) skipped: {e}")
+    if not args.no_int:
+      res["f_integer"] = run_integer_modes(cfg, ctx["params"], args.int_images, args.int_batch,
+                                           args.int_reps, log)
     c = res["c_population_cached"]["seconds_per_candidate"]
     res["ratios"] = {"cached_vs_sequential": res["a_sequential_full"]["seconds_per_candidate"] / c,
                      "population_full_vs_sequential":
@@ -682,9 +448,17 @@ def main():
       res["ratios"]["sequential_vs_reference"] = (
           res["e_reference_torch"]["seconds_per_candidate"]
           / res["a_sequential_full"]["seconds_per_candidate"])
-    res["search_extrapolation"] = extrapolate_search(cfg, res, args.calib_images)
     res["device_peak_mib"] = device_peak_mib()
     models[name] = res
+  search_res = None
+  if not args.no_search:
+    cfg = get_preset(args.search_model)
+    params, images = search_inputs(cfg, args.search_images)
+    search_res = run_search_modes(cfg, params, images, args.search_passes,
+                                  args.search_generations, min(args.loss_batch, len(images)),
+                                  args.search_chunk, not args.no_torch, log)
+  if not args.no_int:
+    machine["int8_matmul"] = matmul_int8_vs_fp32()
   machine["peak_after"] = matmul_peak()
   machine["load_end"] = [round(v, 2) for v in os.getloadavg()]
   peak = max(peak_before, machine["peak_after"])
@@ -694,17 +468,12 @@ def main():
         res[key]["fraction_of_peak"] = res[key]["gflop_s"] / peak
   payload = {"git_commit": git_commit(), "command": "python " + " ".join(sys.argv),
              "machine": {**machine, "peak_gflop_s": peak}, "models": models}
-  tiny = models.get("deit_tiny_patch16_224")
-  if tiny:
-    payload["summary"] = {
-        "model": "deit_tiny_patch16_224", "calib_images": args.calib_images,
-        "cached_vs_sequential": tiny["ratios"]["cached_vs_sequential"],
-        "cached_vs_reference": tiny["ratios"].get("cached_vs_reference"),
-        "cached_fraction_of_peak": tiny["c_population_cached"]["fraction_of_peak"],
-        "population_full_vs_sequential": tiny["ratios"]["population_full_vs_sequential"],
-        "device": machine["device"], "git_commit": payload["git_commit"]}
+  if search_res is not None:
+    payload["search"] = search_res
+  payload["summary"] = summary(payload, args)
   write_results(args.name, payload, markdown(payload))
 
 
 if __name__ == "__main__":
   main()
+
