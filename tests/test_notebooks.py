@@ -14,6 +14,8 @@ EXPECTED = {
     "loss_landscape.ipynb": (["roughness", "infonce rough", "W8A8 fc2"],
                              ["landscape_qkv_w3a8.png", "landscape_qkv_basis_w3a8.png",
                               "landscape_qkv_2d_w3a8.png"]),
+    "pretrained_cnn.ipynb": (["efficientnet_lite0 full precision", "W6A6 Evol-Q"],
+                             ["pretrained_cnn_fitness.png"]),
 }
 
 
