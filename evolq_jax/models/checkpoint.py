@@ -2,7 +2,8 @@
 
 Files written here hold the Flax tree with '/'-joined keys. Files with timm's
 '.'-joined names (`blocks.0.attn.qkv.weight`) are converted on load, so one
-call reads both. Reading needs no torch.
+call reads both. Reading needs no torch, except for a torch state dict
+(`.pth` / `.pt`, read with `torch.load(weights_only=True)`: tensors only).
 """
 from __future__ import annotations
 
@@ -30,13 +31,23 @@ def load_params(path: str, cfg):
   if os.path.isdir(path):
     raise ValueError(f"checkpoint {path!r} is a folder: expected a .safetensors file, e.g. "
                      f"{os.path.join(path, 'model.safetensors')!r}.")
-  flat = _read_safetensors(path)
+  flat = _torch_state_dict(path) if path.endswith((".pth", ".pt")) else _read_safetensors(path)
   if any("/" in k for k in flat):
     flat = {k: v.astype(np.float32) for k, v in flat.items()}
   else:
     flat = timm_to_flax_flat(flat, cfg)
   check_against(flat, cfg, path)
   return unflatten(flat)
+
+
+def _torch_state_dict(path: str) -> dict:
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(f"checkpoint {path!r} is a torch state dict: reading it needs torch "
+                      "(pip install -e '.[test]'), or convert it once to .safetensors.") from None
+  state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+  return {k: v.detach().float().numpy() for k, v in state.items()}
 
 
 def _read_safetensors(path: str) -> dict:
