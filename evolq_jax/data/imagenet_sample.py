@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tarfile
 
@@ -83,8 +84,8 @@ def class_root(path: str = "") -> str:
   folder = unpack(path) if not os.path.isdir(path) else path
   for sub in (os.path.join("imagenet_sample", "val"), "val", ""):
     root = os.path.join(folder, sub)
-    if os.path.isdir(root) and any(os.path.isdir(os.path.join(root, d))
-                                   for d in os.listdir(root) if d.startswith("n")):
+    if os.path.isdir(root) and any(re.fullmatch(r"n\d{8}", d) and
+                                   os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
       return root
   raise FileNotFoundError(f"{folder!r} holds no ImageNet class folders (<wnid>/<image>): "
                           "expected the unpacked sample, imagenet_sample/val/<wnid>/.")
