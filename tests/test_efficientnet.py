@@ -158,3 +158,11 @@ def test_efficientnet_sample_split_is_seeded_disjoint_and_keeps_the_labels():
 def test_efficientnet_unknown_pip_checkpoint_is_a_clear_error():
   with pytest.raises(ValueError, match="has no pip-packaged weights"):
     pip_checkpoint("efficientnet_lite4")
+
+
+def test_efficientnet_sample_folder_without_class_folders_is_a_clear_error(tmp_path):
+  (tmp_path / "notes").mkdir()
+  with pytest.raises(FileNotFoundError, match="holds no ImageNet class folders"):
+    imagenet_sample.split_dir(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="set data.dir to the tar"):
+    imagenet_sample.split_dir(str(tmp_path / "missing.tar.gz"))
