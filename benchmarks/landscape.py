@@ -23,11 +23,9 @@ import time
 import numpy as np
 from common import RESULTS, git_commit, write_results
 
-from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, load_config, quant_config
-from evolq_jax.data import load_split
 from evolq_jax.landscape import landscape, plot_landscape, roughness
-from evolq_jax.pipeline import load_model
+from evolq_jax.pipeline import calibrate_on_split, load_model
 from evolq_jax.search.fitness import reference_logits
 
 LAYERS = ("qkv", "proj", "fc1", "fc2")
@@ -41,9 +39,8 @@ def run(args):
     c = apply_overrides(load_config(spec), [f"calib.num_images={args.calib}"])
     qcfg = quant_config(c)
     cfg, params = load_model(c)
-    calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
-    test = load_split(c.data, "test", cfg, limit=args.test_limit)
-    qparams = calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress=False)
+    calib_x, test, qparams = calibrate_on_split(c, cfg, qcfg, params, args.test_limit,
+                                                progress=False)
     fp_ref = reference_logits(cfg, params, calib_x)
     block = cfg.depth - 1 if args.block is None else args.block
     meta.append({"config": spec, "setting": qcfg.name, "overrides": [f"calib.num_images={args.calib}"]})

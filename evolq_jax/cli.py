@@ -100,7 +100,7 @@ def cmd_demo(args):
 
 
 def cmd_landscape(args):
-  from evolq_jax.landscape import run_landscape
+  from evolq_jax.pipeline import run_landscape
   c = _config(args)
   if args.seed is not None:
     c.seed = args.seed

@@ -283,29 +283,3 @@ def save_landscape(result: dict, workdir: str, stem: str = "landscape") -> dict:
     json.dump(result, f, indent=1)
   plot_landscape(result, paths["png"])
   return paths
-
-
-def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: int = 1,
-                  direction: str = "random", points: int = 41, span: float = 0.1,
-                  test_limit: int = 1000, channels=None, progress: bool = True) -> dict:
-  """From a run config: calibrate (FQ-ViT init), then the landscape; writes PNG + JSON.
-
-  The loss, temperature, loss batch and chunk are the config's `search.*`;
-  `test_limit` test images give the top-1 (0: no accuracy).
-  """
-  from evolq_jax.calibrate import calibrate
-  from evolq_jax.config import quant_config, search_config
-  from evolq_jax.data import load_split
-  from evolq_jax.pipeline import load_model
-  qcfg, scfg = quant_config(c), search_config(c)
-  cfg, params = load_model(c)
-  b = check_target(cfg, layer, block)  # fail before the slow steps
-  check_grid(direction, dims, points, span, channels, layer_channels(cfg, params, layer, b))
-  calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
-  test = load_split(c.data, "test", cfg, limit=test_limit) if test_limit else None
-  qparams = calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress)
-  result = landscape(cfg, qcfg, params, qparams, calib_x, layer, block, dims, direction, points,
-                     span, scfg.loss, scfg.temperature, scfg.loss_batch, scfg.chunk or 16, test,
-                     c.seed, channels)
-  result["paths"] = save_landscape(result, workdir)
-  return result

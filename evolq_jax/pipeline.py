@@ -168,6 +168,35 @@ def _calibrated(c, progress: bool):
   return cfg, qcfg, params, data, fp, qparams, summary, desc
 
 
+def calibrate_on_split(c, cfg, qcfg, params, test_limit: int = 0, progress: bool = True):
+  """-> (calibration images, (test images, labels) or None, FQ-ViT init QParams):
+  the inputs an analysis of one calibrated model needs (landscape, its benchmark)."""
+  calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
+  test = load_split(c.data, "test", cfg, limit=test_limit) if test_limit else None
+  return calib_x, test, calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress)
+
+
+def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: int = 1,
+                  direction: str = "random", points: int = 41, span: float = 0.1,
+                  test_limit: int = 1000, channels=None, progress: bool = True) -> dict:
+  """From a run config: calibrate (FQ-ViT init), then the landscape; writes PNG + JSON.
+
+  The loss, temperature, loss batch and chunk are the config's `search.*`;
+  `test_limit` test images give the top-1 (0: no accuracy).
+  """
+  from evolq_jax import landscape as ls
+  qcfg, scfg = quant_config(c), search_config(c)
+  cfg, params = load_model(c)
+  b = ls.check_target(cfg, layer, block)  # fail before the slow steps
+  ls.check_grid(direction, dims, points, span, channels, ls.layer_channels(cfg, params, layer, b))
+  calib_x, test, qparams = calibrate_on_split(c, cfg, qcfg, params, test_limit, progress)
+  result = ls.landscape(cfg, qcfg, params, qparams, calib_x, layer, block, dims, direction,
+                        points, span, scfg.loss, scfg.temperature, scfg.loss_batch,
+                        scfg.chunk or 16, test, c.seed, channels)
+  result["paths"] = ls.save_landscape(result, workdir)
+  return result
+
+
 def _write_json(path, obj):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:

@@ -235,6 +235,25 @@ def test_levit_population_fitness_equals_a_loop_and_the_full_forward(tiny_unifor
     assert np.ptp(full) > 1e-4  # the candidates really differ
 
 
+def test_levit_units_without_a_selected_layer_are_skipped(tiny):
+  """search.layers=("qkv",): the downsampling units (kv, q, proj) hold no qkv,
+  so the search skips them instead of failing midway; a held-out pick still
+  closes each pass on the first searched unit."""
+  from evolq_jax.search import search
+  from evolq_jax.search.space import SearchSpace
+  assert SearchSpace(("qkv",)).searched_units(units(TINY)) == (0, 2, 4)
+  assert SearchSpace().searched_units(units(TINY)) == (0, 1, 2, 3, 4)
+  with pytest.raises(ValueError, match=r"\['fc1'\] name no layer"):
+    SearchSpace(("fc1",)).searched_units(units(TINY))
+  params, x, qparams = tiny
+  scfg = SearchConfig(layers=("qkv",), passes=2, generations=1, children=1, loss_batch=LB)
+  labels = np.arange(len(x)) % 10
+  r = search(TINY, QCFG, params, qparams, x, scfg, seed=0, progress=False,
+             holdout=(x, labels))
+  assert [h["block"] for h in r.history] == [4, 2, 0] * 2
+  assert [h["pass"] for h in r.holdout] == [0, 1, 2]
+
+
 # ------------------------------------------------------------------------ CLI --
 
 def _image_folder(root, per_class=2):

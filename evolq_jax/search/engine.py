@@ -94,9 +94,9 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   if len(images) < scfg.loss_batch:
     raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
                      f"{scfg.loss_batch}.")
-  scfg.space.check(units(cfg))
+  order = scfg.space.searched_units(units(cfg))
   fp_ref = reference_logits(cfg, params, images)
-  schedule = [(p, b) for p in range(scfg.passes) for b in reversed(range(len(units(cfg))))]
+  schedule = [(p, b) for p in range(scfg.passes) for b in reversed(order)]
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
            "fitness_init": None, "holdout": [], "selected_pass": 0}
   selected = qparams_init = qparams
@@ -129,7 +129,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
                                "candidates": state["candidates"] + rec.pop("evaluated")})
     state["candidates"] += n
     state["position"] = step + 1
-    if holdout is not None and b == 0:  # a pass ends with unit 0
+    if holdout is not None and b == order[0]:  # a pass ends with its first unit
       correct = selection.holdout_correct(cfg, qcfg, params, qparams, holdout)
       state["holdout"].append(selection.pass_record(p + 1, correct, init_correct,
                                                     state["history"][-1]["best"]))

@@ -50,6 +50,12 @@ class SearchSpace:
       raise ValueError(f"search.layers entries {bad} name no layer of this model: expected "
                        f"groups or layer names among {sorted(known)}.")
 
+  def searched_units(self, units) -> tuple:
+    """Indices of the units holding a selected layer, in forward order. A unit
+    without one (a LeViT downsampling unit has q, kv, proj but no qkv) is skipped."""
+    self.check(units)
+    return tuple(u.index for u in units if self.unit_layers(u))
+
   def act_points(self, unit: Unit, acts: dict, rules: tuple) -> list:
     """Paths of the unit's searchable activation points, in sorted path order."""
     if not self.acts:
