@@ -165,7 +165,9 @@ def build_parser():
       workdir=DEMO_WORKDIR, resume=True)
   s = add("landscape", _locked(cmd_landscape), "calibration loss and test top-1 on a 1D/2D grid of "
           "perturbations of one layer's weight scales; writes landscape.{png,json}")
-  s.add_argument("--layer", required=True, help="qkv | proj | fc1 | fc2")
+  s.add_argument("--layer", required=True,
+                 help="a layer of the unit: ViT/DeiT/Swin qkv | proj | fc1 | fc2, LeViT also "
+                 "q | kv in downsampling units (a wrong name lists the unit's layers)")
   s.add_argument("--block", type=int, default=None, help="block index (default: the last)")
   s.add_argument("--dims", type=int, default=1, help="1: a line, 2: a grid")
   s.add_argument("--direction", default="random",

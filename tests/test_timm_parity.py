@@ -215,3 +215,21 @@ def test_wrapped_training_checkpoint_is_a_clear_error():
   sd = timm.create_model("deit_tiny_patch16_224", pretrained=False).state_dict()
   with pytest.raises(ValueError, match=r"\['model'\].*checkpoint\['model'\]"):
     from_timm_state_dict({"model": sd, "epoch": 3}, get_preset("deit_tiny_patch16_224"))
+
+
+def test_torch_checkpoint_file_nested_or_not_loads(tmp_path):
+  """A .pth is read tensors-only; DeiT's training checkpoints nest the weights
+  under "model" and load the same; anything else is a clear error."""
+  import torch
+  cfg = get_preset("deit_tiny_patch16_224")
+  sd = _timm_model(cfg.name, perturb=True).state_dict()
+  want = _flat(from_timm_state_dict(sd, cfg))
+  for name, obj in (("plain.pth", sd), ("nested.pth", {"model": sd, "epoch": torch.tensor(3)})):
+    torch.save(obj, tmp_path / name)
+    got = _flat(load_params(str(tmp_path / name), cfg))
+    assert sorted(got) == sorted(want), name
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
+  torch.save([1, 2], tmp_path / "list.pth")
+  with pytest.raises(ValueError, match=r"list.pth.*not a state dict of tensors.*'model'"):
+    load_params(str(tmp_path / "list.pth"), cfg)

@@ -40,6 +40,9 @@ def load_params(path: str, cfg):
   return unflatten(flat)
 
 
+WRAPPERS = ("state_dict", "model", "model_ema")  # keys a training checkpoint nests weights under
+
+
 def _torch_state_dict(path: str) -> dict:
   try:
     import torch
@@ -47,6 +50,15 @@ def _torch_state_dict(path: str) -> dict:
     raise ImportError(f"checkpoint {path!r} is a torch state dict: reading it needs torch "
                       "(pip install -e '.[test]'), or convert it once to .safetensors.") from None
   state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+  for wrapper in WRAPPERS:  # training checkpoints nest the weights (DeiT's .pth: "model")
+    if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+      state = state[wrapper]
+      break
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    keys = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+    raise ValueError(f"checkpoint {path!r} is not a state dict of tensors (top level: {keys}): "
+                     f"expected name -> tensor, or one nested under {WRAPPERS}; save "
+                     "model.state_dict() or convert it to .safetensors.")
   return {k: v.detach().float().numpy() for k, v in state.items()}
 
 

@@ -45,6 +45,7 @@ TRANSFORMS = {
                     std=(0.2470, 0.2435, 0.2616)),
     "lite": dict(crop_pct=224 / 256, interpolation="bicubic", mean=(127 / 255,) * 3, std=(128 / 255,) * 3),
     "levit": dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "swin": dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
 
 
@@ -59,6 +60,10 @@ class ModelConfig:
 
   @property
   def transform(self) -> dict:
+    if self.preprocess not in TRANSFORMS:
+      raise ValueError(f"model {self.name!r}: preprocess={self.preprocess!r} is unknown: expected "
+                       f"one of {sorted(TRANSFORMS)} (a new one is a TRANSFORMS entry in "
+                       "evolq_jax/models/interface.py).")
     return TRANSFORMS[self.preprocess]
 
   def check_images(self, shape):

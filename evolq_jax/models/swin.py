@@ -35,15 +35,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from evolq_jax.models.interface import (IMAGENET_MEAN, IMAGENET_STD, TRANSFORMS, Family, Layer,
-                                        ModelConfig, QuantPoint, Unit, check_unit_range)
+from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
+                                        check_unit_range)
 from evolq_jax.models.vit import Mlp
 from evolq_jax.quant.recipe import fqvit_rules
 
 LN_EPS = 1e-5  # torch's LayerNorm default, which timm's Swin uses
 MASK_VALUE = -100.0  # timm's (and the original's) shifted-window mask
-# timm's Swin preprocessing: ImageNet mean/std with a 0.9 crop (no shared entry has both).
-SWIN_TRANSFORM = dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +69,6 @@ class SwinConfig(ModelConfig):
             f"({self.patch_size}) to halve evenly per stage into multiples of the window, and "
             "dims divisible by the heads (timm pads uneven grids; this model does not). "
             "Pick an img_size such as 224 for window 7.")
-
-  @property
-  def transform(self) -> dict:
-    return SWIN_TRANSFORM if self.preprocess == "swin" else TRANSFORMS[self.preprocess]
 
   def dim(self, stage: int) -> int:
     return self.embed_dim * 2 ** stage
