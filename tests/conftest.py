@@ -21,3 +21,56 @@ def import_timm():
       pass
   import timm
   return timm
+
+
+def check_population_fitness(cfg, qcfg, arrays, unit: int, loss_batch: int,
+                             layers=("attn",)) -> tuple:
+  """The search's three programs agree on one unit of a tiny model: the vmapped
+  population fitness, a loop of one candidate at a time on the same cached
+  prefix, and the full forward with the candidate's scales set. In float64, so
+  no value crosses a rounding boundary of the quantization grid between the
+  programs. arrays: (params, images, qparams). -> the unit's scale layout."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from evolq_jax.models import quantize_params
+  from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
+                                reference_logits, searched_scales, set_scales)
+  from evolq_jax.search.fitness import candidate_loss
+  with jax.enable_x64(True):
+    params, x, qparams = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), arrays)
+    space = SearchConfig(loss_batch=loss_batch, layers=layers).space
+    vec0, layout = searched_scales(cfg, qcfg, qparams, unit, space)
+    pop = vec0 * jax.random.uniform(jax.random.key(0), (4, vec0.shape[0]), minval=0.8,
+                                    maxval=1.2)
+    tokens = prefix_activations(cfg, qcfg, params, qparams, x, unit)
+    fp_ref = reference_logits(cfg, params, x)
+    fq = quantize_params(qcfg, params, qparams)
+    got = np.asarray(population_fitness(cfg, qcfg, unit, layout, "infonce", 3.0, loss_batch, 2,
+                                        pop, params, fq, qparams, tokens, fp_ref))
+    one = jax.jit(lambda v: candidate_loss(cfg, qcfg, unit, layout, "infonce", 3.0, loss_batch,
+                                           v, params, fq, qparams, tokens, fp_ref))
+    np.testing.assert_allclose(got, [float(one(v)) for v in pop], rtol=1e-6)
+    full = [float(_full_loss(cfg, qcfg, loss_batch, params, set_scales(qparams, v, layout), x,
+                             fp_ref)) for v in pop]
+    np.testing.assert_allclose(got, full, rtol=1e-6)
+    assert np.ptp(full) > 1e-4  # the candidates really differ
+    return layout
+
+
+def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
+  """infoNCE of the whole quantized forward; one compiled program per model,
+  shared by every unit's candidates."""
+  global _full_loss_jit
+  if _full_loss_jit is None:
+    import jax
+
+    from evolq_jax.losses import batched_loss
+    from evolq_jax.models import quantized_logits
+    _full_loss_jit = jax.jit(lambda cfg, qcfg, lb, p, qp, x, ref: batched_loss(
+        "infonce", quantized_logits(cfg, qcfg, p, qp, x), ref, lb, 3.0), static_argnums=(0, 1, 2))
+  return _full_loss_jit(cfg, qcfg, loss_batch, params, qparams, x, fp_ref)
+
+
+_full_loss_jit = None

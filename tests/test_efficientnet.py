@@ -16,13 +16,12 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.data import load_split
 from evolq_jax.data import imagenet_sample
 from evolq_jax.models import (fp_logits, get_preset, init_params, load_params, model_for,
-                              quantize_params, quantized_logits)
+                              quantized_logits)
 from evolq_jax.models.convert import expected_shapes, timm_to_flax_flat
 from evolq_jax.models.efficientnet import depthwise_conv, pip_checkpoint, units
 from evolq_jax.quant.weights import kernel_paths
-from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
-                              reference_logits, searched_scales)
-from evolq_jax.search.fitness import candidate_loss
+
+from conftest import check_population_fitness
 
 LITE0 = get_preset("efficientnet_lite0")
 # Every block kind: no expansion + residual, stride 2, kernel 5 + residual, stride 2 at the end.
@@ -115,28 +114,7 @@ def test_efficientnet_prefix_forward_equals_the_full_forward(tiny, unit):
 
 @pytest.mark.parametrize("unit", [0, 2])
 def test_efficientnet_population_fitness_equals_a_loop_and_the_full_forward(tiny, unit):
-  """As tests/test_search.py does for ViT, in float64 so no value crosses a
-  rounding boundary of the quantization grid between the three programs."""
-  with jax.enable_x64(True):
-    params, x, qparams = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tiny)
-    scfg = SearchConfig(loss_batch=LB)
-    vec0, layout = searched_scales(TINY, QCFG, qparams, unit, scfg.space)
-    pop = vec0 * jax.random.uniform(jax.random.key(0), (4, vec0.shape[0]), minval=0.8,
-                                    maxval=1.2)
-    tokens = prefix_activations(TINY, QCFG, params, qparams, x, unit)
-    fp_ref = reference_logits(TINY, params, x)
-    fq = quantize_params(QCFG, params, qparams)
-    got = np.asarray(population_fitness(TINY, QCFG, unit, layout, "infonce", 3.0, LB, 2, pop,
-                                        params, fq, qparams, tokens, fp_ref))
-    loop = [float(candidate_loss(TINY, QCFG, unit, layout, "infonce", 3.0, LB, v, params, fq,
-                                 qparams, tokens, fp_ref)) for v in pop]
-    np.testing.assert_allclose(got, loop, rtol=1e-6)
-    from evolq_jax.losses import batched_loss
-    from evolq_jax.search import set_scales
-    full = [float(batched_loss("infonce", quantized_logits(
-        TINY, QCFG, params, set_scales(qparams, v, layout), x), fp_ref, LB, 3.0)) for v in pop]
-    np.testing.assert_allclose(got, full, rtol=1e-6)
-    assert np.ptp(full) > 1e-4  # the candidates really differ
+  check_population_fitness(TINY, QCFG, tiny, unit, LB)
 
 
 def test_efficientnet_sample_split_is_seeded_disjoint_and_keeps_the_labels():

@@ -17,7 +17,7 @@ from evolq_jax.cli import main
 from evolq_jax.config import bits_config, quant_config
 from evolq_jax.export import (SCHEMA_VERSION, build_export, load_export, pack_codes,
                               ptf_exponents, save_export, unpack_codes)
-from evolq_jax.integer import int_logits, int_matmul, runtime
+from evolq_jax.integer import int_logits, int_matmul
 from evolq_jax.integer.artifact import load_artifact, save_artifact
 from evolq_jax.integer.kernels import IntLinear, pixel_linear
 from evolq_jax.pipeline import load_data, load_model, predict

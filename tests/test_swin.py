@@ -14,17 +14,13 @@ from flax import traverse_util
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
 from evolq_jax.config import QuantConfig
-from evolq_jax.losses import batched_loss
 from evolq_jax.models import (calibration_stats, fp_logits, get_preset, load_params, model_for,
                               quantize_params, quantized_logits, units)
 from evolq_jax.models.convert import expected_shapes, from_timm_state_dict, timm_to_flax_flat
 from evolq_jax.models.swin import act_rules, shift_mask
 from evolq_jax.quant.recipe import rule_for
-from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
-                              reference_logits, searched_scales, set_scales)
-from evolq_jax.search.fitness import candidate_loss
 
-from conftest import import_timm
+from conftest import check_population_fitness, import_timm
 
 PRESETS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
            "swin_base_patch4_window7_224")
@@ -200,29 +196,8 @@ def test_swin_prefix_forward_equals_the_full_forward(tiny):
 
 @pytest.mark.parametrize("unit", [1, 2])  # a shifted block; a stage's first (with merging)
 def test_swin_population_fitness_equals_a_loop_and_the_full_forward(tiny, unit):
-  """As tests/test_search.py does for ViT, in float64 so no value crosses a
-  rounding boundary of the quantization grid between the three programs."""
-  with jax.enable_x64(True):
-    params, x, qparams = jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), tiny)
-    scfg = SearchConfig(loss_batch=LB, layers=("attn", "reduction"))
-    vec0, layout = searched_scales(TINY, QCFG, qparams, unit, scfg.space)
-    assert [p[-1] for _, p, _ in layout] == ["qkv", "proj"] + (["reduction"] if unit == 2 else [])
-    pop = vec0 * jax.random.uniform(jax.random.key(0), (4, vec0.shape[0]), minval=0.8,
-                                    maxval=1.2)
-    tokens = prefix_activations(TINY, QCFG, params, qparams, x, unit)
-    fp_ref = reference_logits(TINY, params, x)
-    fq = quantize_params(QCFG, params, qparams)
-    got = np.asarray(population_fitness(TINY, QCFG, unit, layout, "infonce", 3.0, LB, 2, pop,
-                                        params, fq, qparams, tokens, fp_ref))
-    one = jax.jit(lambda v: candidate_loss(TINY, QCFG, unit, layout, "infonce", 3.0, LB, v,
-                                           params, fq, qparams, tokens, fp_ref))
-    loop = [float(one(v)) for v in pop]  # one candidate at a time, same cached prefix
-    np.testing.assert_allclose(got, loop, rtol=1e-6)
-    full_loss = jax.jit(lambda v: batched_loss("infonce", quantized_logits(
-        TINY, QCFG, params, set_scales(qparams, v, layout), x), fp_ref, LB, 3.0))
-    full = [float(full_loss(v)) for v in pop]
-    np.testing.assert_allclose(got, full, rtol=1e-6)
-    assert np.ptp(full) > 1e-4  # the candidates really differ
+  layout = check_population_fitness(TINY, QCFG, tiny, unit, LB, layers=("attn", "reduction"))
+  assert [p[-1] for _, p, _ in layout] == ["qkv", "proj"] + (["reduction"] if unit == 2 else [])
 
 
 # ------------------------------------------------------------------ the CLI --
