@@ -248,6 +248,8 @@ def markdown(payload) -> str:
                 f"{p['wall_s']:.2f} s wall time. Chunk sweep (s / candidate): "
                 + ", ".join(f"chunk {c}: {v['seconds_per_candidate']:.3f} "
                             f"({v['xla_temp_mib']:.0f} MiB XLA temp)"
+                            if "seconds_per_candidate" in v else
+                            f"chunk {c}: not run ({v['skipped']})"
                             for c, v in p["chunk_sweep"].items()) + ".", ""]
   if "search" in payload:
     lines += search_markdown(payload["search"])
@@ -317,10 +319,10 @@ NOTES = """
   memory analysis of a one-candidate program) beside `search.chunk`; on CPU,
   `search.chunk=1` is the fast setting. The default (whole population) is kept for
   accelerators.
-- This machine's 2 cores were shared with other jobs during the run (see the load
-  averages and the peak readings above: an idle core pair gives 370-420 GFLOP/s),
-  so absolute numbers are low and noisy; the modes ran one after another in one
-  process, and contention moves single readings by tens of percent.
+- The modes run one after another in one process; the load average at the start
+  (above) says whether the machine was idle. The load at the end counts the
+  benchmark's own 2 threads. Contention from another job moves single readings by
+  tens of percent: rerun when the start load is not under 1.
 """
 
 

@@ -88,6 +88,18 @@ def profile_run(exe, call, hlo_text):
   return wall, busy, dict(per_cat)
 
 
+def available_bytes() -> int:
+  """MemAvailable of /proc/meminfo (Linux); elsewhere a large number (no check)."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 1 << 62
+
+
 def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
   """XLA cost analysis, an op-time breakdown and a chunk sweep of (c) at one block."""
   scfg = SearchConfig(loss_batch=loss_batch)
@@ -100,12 +112,19 @@ def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
   sweep = {}
   for chunk in sorted({1, 3, pop_size}):
     exe = population_fitness.lower(*static, chunk, pb, *args_).compile()
+    temp = exe.memory_analysis().temp_size_in_bytes
+    if temp > 0.7 * available_bytes():  # would swap or be OOM-killed: not a speed figure
+      sweep[chunk] = {"skipped": f"XLA temp {temp / 2 ** 20:.0f} MiB > 70% of available memory",
+                      "xla_temp_mib": temp / 2 ** 20}
+      log(f"profile block {block} chunk {chunk}: {sweep[chunk]}")
+      continue
     exe(pb, *args_).block_until_ready()
     sweep[chunk] = {"seconds_per_candidate":
                     timed(lambda e=exe: e(pb, *args_).block_until_ready()) / pop_size,
                     "xla_temp_mib": exe.memory_analysis().temp_size_in_bytes / 2 ** 20}
     log(f"profile block {block} chunk {chunk}: {sweep[chunk]}")
-  best = min(sweep, key=lambda c: sweep[c]["seconds_per_candidate"])
+  best = min((c for c in sweep if "seconds_per_candidate" in sweep[c]),
+             key=lambda c: sweep[c]["seconds_per_candidate"])
   exe = population_fitness.lower(*static, best, pb, *args_).compile()
   cost = exe.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -1,7 +1,7 @@
 """swin_base_patch4_window7_224 on ImageNet; arg = bit setting (default W8A8), e.g. configs/swin_base.py:W4A8.
 
-Needs a checkpoint (timm .safetensors; the original Swin release's layout converts too, once
-its state dict, stored under 'model' in its .pth, is saved on its own) and ImageNet
+Needs a checkpoint (timm .safetensors or .pth; the original Swin release's .pth, weights
+under 'model', converts too) and ImageNet
 prepared for tfds, e.g.
   --set checkpoint=/path/swin_base_patch4_window7_224.safetensors --set data.data_dir=/path/tfds
 or an image folder: --set data.source=image_folder --set data.dir=/path/imagenet
