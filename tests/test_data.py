@@ -441,3 +441,43 @@ def test_seed_limit_image_folder(tmp_path):
 def test_unknown_source_names_it():
   with pytest.raises(ValueError, match="'parquet'"):
     load_split({"source": "parquet"}, "train", get_preset(FIXTURE))
+
+
+def test_cifar10_tar_decodes_once_into_a_cache(tmp_path, monkeypatch):
+  """A tiny tar in the shared layout (split/class/image): labels follow the sorted class
+  folders, the second load reads the uint8 cache, a tar without 10 classes is an error."""
+  import io
+  import os
+  import tarfile
+
+  from PIL import Image
+
+  from evolq_jax.data.cifar10 import load_cifar10
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+  rng = np.random.default_rng(0)
+  classes = [f"c{i}" for i in range(10)]
+  want = {}
+
+  def make(path, n_classes):
+    with tarfile.open(path, "w:gz") as tar:
+      for split in ("train", "test"):
+        for cls in classes[:n_classes]:
+          img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+          want[(split, cls)] = img
+          buf = io.BytesIO()
+          Image.fromarray(img).save(buf, format="PNG")  # lossless: exact pixels
+          info = tarfile.TarInfo(f"./cifar10/{split}/{cls}/0001.jpg")
+          info.size = len(buf.getvalue())
+          tar.addfile(info, io.BytesIO(buf.getvalue()))
+
+  make(tmp_path / "c.tar.gz", 10)
+  for attempt in ("decoded", "cached"):
+    x, y = load_cifar10("test", str(tmp_path / "c.tar.gz"))
+    assert x.dtype == np.uint8 and x.shape == (10, 32, 32, 3), attempt
+    assert y.tolist() == list(range(10)), attempt
+    for i, cls in enumerate(classes):
+      np.testing.assert_array_equal(x[i], want[("test", cls)], err_msg=attempt)
+  assert len(os.listdir(tmp_path / "cache" / "evolq_jax" / "cifar10")) == 2  # train + test
+  make(tmp_path / "bad.tar.gz", 9)
+  with pytest.raises(ValueError, match="has 9 class folders, expected 10"):
+    load_cifar10("train", str(tmp_path / "bad.tar.gz"))
