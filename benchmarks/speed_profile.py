@@ -121,7 +121,7 @@ def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
     exe(pb, *args_).block_until_ready()
     sweep[chunk] = {"seconds_per_candidate":
                     timed(lambda e=exe: e(pb, *args_).block_until_ready()) / pop_size,
-                    "xla_temp_mib": exe.memory_analysis().temp_size_in_bytes / 2 ** 20}
+                    "xla_temp_mib": temp / 2 ** 20}
     log(f"profile block {block} chunk {chunk}: {sweep[chunk]}")
   best = min((c for c in sweep if "seconds_per_candidate" in sweep[c]),
              key=lambda c: sweep[c]["seconds_per_candidate"])

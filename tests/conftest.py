@@ -1,7 +1,15 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+
+from evolq_jax.losses import batched_loss
+from evolq_jax.models import quantize_params, quantized_logits
 
 
 def import_timm():
@@ -30,11 +38,6 @@ def check_population_fitness(cfg, qcfg, arrays, unit: int, loss_batch: int,
   prefix, and the full forward with the candidate's scales set. In float64, so
   no value crosses a rounding boundary of the quantization grid between the
   programs. arrays: (params, images, qparams). -> the unit's scale layout."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from evolq_jax.models import quantize_params
   from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
                                 reference_logits, searched_scales, set_scales)
   from evolq_jax.search.fitness import candidate_loss
@@ -59,18 +62,9 @@ def check_population_fitness(cfg, qcfg, arrays, unit: int, loss_batch: int,
     return layout
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
   """infoNCE of the whole quantized forward; one compiled program per model,
   shared by every unit's candidates."""
-  global _full_loss_jit
-  if _full_loss_jit is None:
-    import jax
-
-    from evolq_jax.losses import batched_loss
-    from evolq_jax.models import quantized_logits
-    _full_loss_jit = jax.jit(lambda cfg, qcfg, lb, p, qp, x, ref: batched_loss(
-        "infonce", quantized_logits(cfg, qcfg, p, qp, x), ref, lb, 3.0), static_argnums=(0, 1, 2))
-  return _full_loss_jit(cfg, qcfg, loss_batch, params, qparams, x, fp_ref)
-
-
-_full_loss_jit = None
+  return batched_loss("infonce", quantized_logits(cfg, qcfg, params, qparams, x), fp_ref,
+                      loss_batch, 3.0)
