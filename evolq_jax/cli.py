@@ -18,7 +18,8 @@ def _config(args):
 
 
 def _locked(fn):
-  """fn(args) as the only writer of args.workdir (eval and search lock in the pipeline)."""
+  """fn(args) as the only writer of args.workdir (eval and search lock in the pipeline);
+  export too, so that it never reads a run that is still writing its results."""
   def run(args):
     check_writable(args.workdir)
     with lock(args.workdir):
@@ -181,7 +182,7 @@ def build_parser():
                  help="test images for the top-1 (0: no accuracy)")
   s.add_argument("--seed", type=int, default=None,
                  help="seed of the random direction(s) (default: the config's seed)")
-  s = add("export", cmd_export, "a finished run -> integer model (.safetensors + .json manifest) "
+  s = add("export", _locked(cmd_export), "a finished run -> integer model (.safetensors + .json manifest) "
           "and its jax.export artifact (.stablehlo)", config=False)
   s.add_argument("--out", default=None,
                  help="FILE.safetensors (default WORKDIR/model_int.safetensors)")

@@ -170,9 +170,17 @@ def _calibrated(c, progress: bool):
 
 def calibrate_on_split(c, cfg, qcfg, params, test_limit: int = 0, progress: bool = True):
   """-> (calibration images, (test images, labels) or None, FQ-ViT init QParams):
-  the inputs an analysis of one calibrated model needs (landscape, its benchmark)."""
-  calib_x, _ = load_split(c.data, "train", cfg, limit=c.calib.num_images, seed=c.calib.seed)
-  test = load_split(c.data, "test", cfg, limit=test_limit) if test_limit else None
+  the inputs an analysis of one calibrated model needs (landscape, its benchmark).
+  Sizes are exact, as for eval and search: a split smaller than asked for is an error."""
+  check_sizes(c)
+  n = c.calib.num_images
+  calib_x, _ = _split(c, "train", cfg, n, c.calib.seed,
+                      f"calib.num_images={n} asks for {n} train images")
+  test = (_split(c, "test", cfg, test_limit, None,
+                 f"--test-limit {test_limit} asks for {test_limit} test images")
+          if test_limit else None)
+  if test is not None:
+    _check_labels(test[1], cfg, "test")
   return calib_x, test, calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress)
 
 

@@ -22,8 +22,11 @@ import warnings
 
 LOCK = "evolq.lock"
 RUN_FILE = "run.json"
+# What a run leaves in its workdir; `evolq export`'s default files count too, so
+# that --overwrite never leaves an export of the replaced run behind.
 RESULTS = ("summary.json", "history.jsonl", "fitness.png", "qparams.safetensors", "checkpoints",
-           "checkpoints.unreadable")
+           "checkpoints.unreadable", "model_int.safetensors", "model_int.json",
+           "model_int.stablehlo")
 # Settings that change speed or memory, not the result: a resume may change them.
 SPEED_ONLY = ("eval.batch_size", "search.chunk", "search.memory_mb", "search.devices")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

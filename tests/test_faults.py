@@ -340,10 +340,13 @@ def test_10_eval_into_a_search_workdir_is_refused_unless_overwrite(reference, tm
   err = _errors(capsys.readouterr().err)
   assert len(err) == 1 and "holds the results of an `evolq search` run" in err[0]
   assert "--overwrite" in err[0] and (workdir / "summary.json").read_text() == before
+  for name in ("model_int.safetensors", "model_int.json", "model_int.stablehlo"):
+    (workdir / name).write_text("an export of the search run")
   assert _cli("eval", workdir, "--overwrite") == 0
   left = set(os.listdir(workdir))  # nothing of the search is left to describe another run
   assert {"run.json", "summary.json"} <= left and not left & {
-      "history.jsonl", "fitness.png", "checkpoints", "checkpoints.unreadable", LOCK}
+      "history.jsonl", "fitness.png", "checkpoints", "checkpoints.unreadable", LOCK,
+      "model_int.safetensors", "model_int.json", "model_int.stablehlo"}
   assert "final_top1" not in json.loads((workdir / "summary.json").read_text())
   assert json.loads((workdir / "run.json").read_text())["command"] == "eval"
 

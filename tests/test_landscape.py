@@ -159,6 +159,11 @@ def test_command_writes_png_and_json(tmp_path, capsys):
     (["--layer", "qkv", "--direction", "basis", "--dims", "2", "--channel", "3", "3"],
      "expected 2 distinct channel indices"),
     (["--layer", "proj", "--direction", "basis", "--channel", "96"], "channel 96 is out of range"),
+    # sizes are exact, as for eval and search: never fewer images than asked for
+    (["--layer", "qkv", "--set", "calib.num_images=1000000"],
+     "calib.num_images=1000000 asks for 1000000 train images, but the train split has"),
+    (["--layer", "qkv", "--test-limit", "1000000"],
+     "--test-limit 1000000 asks for 1000000 test images, but the test split has"),
 ])
 def test_command_bad_layer_or_block_is_a_clear_error(tmp_path, capsys, args, message):
   rc = main(["landscape", "--config", "configs/fixture_w3a8.py", "--workdir", str(tmp_path)]
