@@ -74,6 +74,22 @@ def test_targets_table_resolves_best_and_margins(monkeypatch):
   assert accuracy._deterministic("grad-adam") and not accuracy._deterministic("sep-cma-es")
 
 
+def test_pretrained_reading_sets_each_search_against_the_interval(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+
+  def run(setting, method, top1, seed=0):
+    return {"setting": setting, "method": method, "seed": seed, "test_top1": top1}
+  runs = [run("W4A8", "init-reference", 69.6, None), run("W4A8", "init-minmax", 13.8, None),
+          run("W4A8", "evolq-infonce", 71.0), run("W4A8", "evolq-infonce", 73.0, seed=1),
+          run("W4A8", "grad-adam", 75.0), run("W8A8", "init-reference", 90.0, None)]
+  rows = [l for l in accuracy._interval_reading(accuracy._group(runs), 2.7) if l.startswith("| W")]
+  # the searches against the best baseline (init-reference), +2.4 inside +-2.7, +5.4 beyond
+  assert rows == [
+      "| W4A8 | evolq-infonce (2) | init-reference | 72.00 | 69.60 | +2.40 | no |",
+      "| W4A8 | grad-adam (1) | init-reference | 75.00 | 69.60 | +5.40 | yes |"]
+
+
 def test_budget_shapes_of_the_test_bed(monkeypatch):
   """Equal evaluations in another shape, 4x the budget, and Adam at the wall
   time of the tournament with the learning rate picked on calibration loss."""
