@@ -46,7 +46,8 @@ from evolq_jax.search import calibration_fitness, reference_logits, search
 from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.models.forward import units
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
-from accuracy_plans import PLANS, SEARCHES, equal_passes, evaluations, hardest_setting
+from accuracy_plans import (PLANS, REGIME, SEARCHES, equal_passes, evaluations,
+                            hardest_setting)
 
 CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test images
 
@@ -291,7 +292,7 @@ def main():
     if setting != "HARD":
       return setting
     init = {r["setting"]: r["test_top1"] for r in payload["runs"]
-            if r["method"] == "init-reference"}
+            if r["method"] == "init-reference" and r["setting"] in REGIME}
     hard = hardest_setting(init)
     if hard is None:
       raise SystemExit(f"no setting keeps >= 50% top-1 with init-reference: {init}")
@@ -355,6 +356,7 @@ def report(payload, name="accuracy"):
   runs = payload["runs"]
   groups = _group(runs)
   settings = list(dict.fromkeys(r["setting"] for r in runs))
+  plan = payload.get("plan")
   n_test, fp1 = payload.get("test_images", 10000), payload.get("fp_top1", float("nan"))
   # 95% interval of a top-1 measured on n_test images (normal approximation at FP top-1)
   ci = 196 * np.sqrt(fp1 / 100 * (1 - fp1 / 100) / n_test)
@@ -374,6 +376,8 @@ def report(payload, name="accuracy"):
            f"on {payload.get('holdout_images', 0):,} held-out train images, the init counting as pass 0; `last pass` is what "
            "the search ended with. Commits: "
            + ", ".join(sorted({r['git_commit'][:12] for r in runs})) + ".", ""]
+  if plan in ("cifar10", "efficientnet"):
+    lines += _regime(groups, settings, payload.get("fp_top1", float("nan")))
   for s in settings:
     lines += [f"## {s}", "", f"Best no-search baseline by calibration loss: "
               f"`{_best(groups, s) or '?'}`.", "",
@@ -394,7 +398,6 @@ def report(payload, name="accuracy"):
           f"{_ms([r['agreement_with_fp'] for r in rs])} | {rs[0]['candidates_evaluated']} | "
           f"{np.mean([r['seconds'] for r in rs]):.0f} |")
     lines.append("")
-  plan = payload.get("plan")
   lines += (_testbed_targets(groups, payload) if plan == "cifar10"
             else _interval_reading(groups, ci) if plan == "efficientnet" else _targets(groups))
   write_results(name, payload, "\n".join(lines))
@@ -478,6 +481,23 @@ def _testbed_targets(groups, payload):
     lines.append(f"| {text} | {a} ({_seeds(groups[(s, a)])}) | {b} ({_seeds(groups[(s, b)])}) | "
                  f"{mean[a]:.2f} | {mean[b]:.2f} | {mean[a] - mean[b]:+.2f} | "
                  f"{'yes' if met else 'no'} |")
+  return lines + [""]
+
+
+def _regime(groups, settings, fp):
+  """One row per setting: each no-search baseline's test top-1, and FP minus the best."""
+  names = list(dict.fromkeys(m for (st, m), rs in groups.items() if rs[0]["seed"] is None))
+  lines = ["## Regime: the no-search baselines", "",
+           f"Test top-1 (%) without any search; FP {fp:.2f}. `FP - best` is the loss "
+           "that no baseline recovers.", "",
+           "| setting | " + " | ".join(names) + " | FP - best |",
+           "|---|" + "---|" * (len(names) + 1)]
+  for s in settings:
+    top1 = {m: groups[(s, m)][0]["test_top1"] for m in names if (s, m) in groups}
+    if not top1:
+      continue
+    lines.append(f"| {s} | " + " | ".join(f"{top1[m]:.2f}" if m in top1 else "-" for m in names)
+                 + f" | {fp - max(top1.values()):.2f} |")
   return lines + [""]
 
 
