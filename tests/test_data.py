@@ -438,6 +438,23 @@ def test_seed_limit_image_folder(tmp_path):
   np.testing.assert_array_equal(y, y_all[order])
 
 
+def test_limit_on_a_class_ordered_source_draws_every_class(tmp_path):
+  """An image folder is stored class by class: an unseeded limit (eval.limit) must
+  not mean "the first classes only"; it draws a fixed subset (seed 0)."""
+  _make_image_folder(tmp_path)
+  cfg = get_preset(FIXTURE)
+  data = {"source": "image_folder", "dir": str(tmp_path)}
+  x_all, y_all = load_split(data, "train", cfg)
+  assert y_all.tolist() == sorted(y_all.tolist())  # stored by class
+  x, y = load_split(data, "train", cfg, limit=6)
+  order = np.random.default_rng(0).permutation(12)[:6]
+  np.testing.assert_array_equal(x, x_all[order])
+  np.testing.assert_array_equal(y, y_all[order])
+  assert len(set(y.tolist())) > len(set(y_all[:6].tolist()))
+  x2, _ = load_split({**data, "limit": 6}, "train", cfg)  # data.limit: the same subset
+  np.testing.assert_array_equal(x2, x)
+
+
 def test_unknown_source_names_it():
   with pytest.raises(ValueError, match="'parquet'"):
     load_split({"source": "parquet"}, "train", get_preset(FIXTURE))

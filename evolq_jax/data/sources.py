@@ -33,6 +33,10 @@ BUNDLED_DIR = os.path.join(os.path.dirname(__file__), "bundled")
 SOURCES = ("idx", "bundled", "image_folder", "tfds", "cifar10", "imagenet_sample")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # matched case-insensitively
 CLASS_FILE = "classes.txt"  # an image folder's explicit class list, one name per line
+# Sources whose splits are stored class by class: their first N images would be
+# the first classes only, so an unseeded `limit` draws a fixed random subset.
+CLASS_ORDERED = ("image_folder", "cifar10", "imagenet_sample")
+SUBSET_SEED = 0
 
 
 class SplitTooSmall(ValueError):
@@ -231,12 +235,16 @@ def load_split(data, split: str, model_cfg, limit: int | None = None, seed: int 
                exact: bool = False):
   """-> (images float32 (N, H, W, C), labels int32 (N,)).
 
-  `seed` shuffles before `limit` is applied (e.g. a random calibration set).
+  `seed` shuffles before `limit` is applied (e.g. a random calibration set). A
+  `limit` without a seed keeps the first images, except for sources stored class by
+  class (CLASS_ORDERED), where it draws a fixed random subset (seed SUBSET_SEED).
   exact: a `limit` larger than the split raises SplitTooSmall instead of
   returning the whole split.
   """
   source = _get(data, "source", "bundled")
   limit = limit if limit is not None else (_get(data, "limit") or None)  # 0 = all
+  if seed is None and limit is not None and source in CLASS_ORDERED:
+    seed = SUBSET_SEED  # e.g. eval.limit=1000 on CIFAR-10: every class, not airplanes only
   # Every source applies seed/limit (_select) before decoding/normalizing, so a
   # small calibration subset of a large dataset only decodes what it keeps.
   if source == "idx":
