@@ -31,7 +31,8 @@ def bundled_checkpoint(model: str) -> str:
   path = os.path.join(CHECKPOINT_DIR, f"{model}.safetensors")
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f"no bundled checkpoint for model {model!r} (only the fixture ships one). Set "
+        f"no bundled checkpoint for model {model!r} (only the two fixtures, "
+        "vit_fixture_patch4_28 and vit_cifar10_patch4_32, ship one). Set "
         "checkpoint=PATH to a timm/Flax .safetensors file, or checkpoint='random'.")
   return path
 
