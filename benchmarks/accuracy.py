@@ -188,7 +188,9 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
                                            "search": dataclasses.asdict(scfg)},
           "extra": {"start": {"best": best, "reference": "init-reference"}.get(start, start), "own_loss_init": r.fitness_init,
                     "selected_pass": r.selected_pass, "holdout": r.holdout,
-                    "last_pass_test_top1": last["test_top1"], "curve": curve}}
+                    "last_pass_test_top1": last["test_top1"], "curve": curve,
+                    # the 1-min load average at the end: "seconds" is only a timing when idle
+                    "load_average_1m": os.getloadavg()[0]}}
 
 
 def _save(payload, name):
