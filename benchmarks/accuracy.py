@@ -111,7 +111,8 @@ def _deterministic(method):
 def family_budget(method, budget):
   """The grid's budget (passes x generations x children evaluations per unit)
   in the method family's own settings: evosax's lambda = children, a gradient
-  method takes generations x children steps (one evaluation each)."""
+  method takes generations x children steps (one evaluation each; the last step's
+  result takes the place of the start's, whose loss is the first step's)."""
   strategy = SEARCHES[method][1].get("strategy", "evolq")
   if strategy in GRADIENT:
     return dict(passes=budget["passes"], generations=budget["generations"] * budget["children"])

@@ -180,7 +180,28 @@ def test_other_strategies_run_and_keep_elitism(setup, strategy, kw):
   r = _run(setup, strategy=strategy, **kw)
   assert r.fitness_final <= r.fitness_init + 1e-5
   bests = [h["best"] for h in r.history]
-  assert all(h["best"] <= h["start"] + 1e-6 for h in r.history) and len(bests) == 8
+  # 2 passes x 2 units x 2 generations; a gradient method's last step is scored too
+  assert all(h["best"] <= h["start"] + 1e-6 for h in r.history)
+  assert len(bests) == (12 if strategy == "adam" else 8)
+
+
+def test_every_gradient_step_is_scored(setup):
+  """Adam's updates all count: with one step per unit visit the step's result is
+  scored (not only the start it began from), and the evaluations stay at
+  steps + 1 per visit, the start's loss being the first step's."""
+  params, x, qparams, fp_ref = setup
+  scfg = SearchConfig(strategy="adam", lr=0.05, passes=1, generations=1, loss_batch=LB)
+  qp, records, n = engine.search_block(CFG, QCFG, scfg, params, qparams, x, fp_ref, 1,
+                                       jax.random.key(0))
+  assert n == 2 and [r["evaluated"] for r in records] == [1, 2]
+  start, stepped = records
+  assert stepped["gen_min"] != pytest.approx(start["gen_min"], abs=1e-7)  # the update is scored
+  vec0, layout = searched_scales(CFG, QCFG, qparams, 1, scfg.space)
+  vec, _ = searched_scales(CFG, QCFG, qp, 1, scfg.space)
+  # the step's result is kept exactly when it scores better than the start
+  assert (stepped["gen_min"] < start["gen_min"]) == (not np.array_equal(vec, vec0))
+  assert stepped["best"] == pytest.approx(
+      _full_forward_loss(params, qparams, x, fp_ref, 1, vec, layout, scfg), rel=1e-4)
 
 
 def _killed_then_resumed(monkeypatch, run, at_block: int = 3):

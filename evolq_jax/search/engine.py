@@ -45,31 +45,48 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
   fq = quantize_params(qcfg, params, qparams)
   vec0, layout = searched_scales(cfg, qcfg, qparams, unit, scfg.space)
   score = population_scorer(cfg, qcfg, scfg, unit, layout, params, fq, qparams, tokens, fp_ref)
-  f0 = float(score(vec0[None])[0])
   strategy = _jitted_strategy(scfg, int(vec0.shape[0]),
                               float(scfg.radius or paper_radius(qcfg.w_bits)))
   grad_score = (gradient_scorer(cfg, qcfg, scfg, unit, layout, params, fq, qparams, tokens,
                                 fp_ref, strategy.to_scales) if strategy.needs_grad else None)
+  # A gradient method's first step starts at z = 0, the unit's own scales: its loss is
+  # the start's, so the start is not scored apart. Its last update is scored after the
+  # loop instead, so that every step counts: generations steps + 1 evaluations, the
+  # same count as a search's start + generations x population.
+  f0 = None if grad_score else float(score(vec0[None])[0])
   key, k_init = jax.random.split(key)
-  state = strategy.init(k_init, vec0, jnp.float32(f0))
-  best_vec, best_f, records, n = vec0, f0, [], 0
+  state = strategy.init(k_init, vec0, jnp.float32(0.0 if f0 is None else f0))
+  best_vec, best_f, records, n = vec0, f0, [], 0 if grad_score else 1
+
+  def keep(g, scales, fit):
+    nonlocal best_vec, best_f
+    fit_np = np.asarray(fit)
+    i = int(np.argmin(fit_np))
+    if fit_np[i] < best_f:  # elitism: only a strictly better candidate replaces
+      best_vec, best_f = scales[i], float(fit_np[i])
+    rec = {"generation": g, "best": best_f, "gen_min": float(fit_np.min()),
+           "gen_mean": float(fit_np.mean()), "start": f0, "evaluated": n}
+    records.append(rec)
+    if on_generation:
+      on_generation(rec)
+
   for g in range(scfg.generations):
     key, k_ask, k_tell = jax.random.split(key, 3)
     x, state = strategy.ask(k_ask, state)
     scales = strategy.to_scales(state, x)
     fit, grad = grad_score(x, state) if grad_score else (score(scales), None)
+    if f0 is None:  # z = 0: the start's loss
+      f0 = best_f = float(np.asarray(fit)[0])
     state, _ = strategy.tell(k_tell, x, fit, state, grad)
-    fit_np = np.asarray(fit)
-    n += len(fit_np)
-    i = int(np.argmin(fit_np))
-    if fit_np[i] < best_f:  # elitism: only a strictly better candidate replaces
-      best_vec, best_f = scales[i], float(fit_np[i])
-    rec = {"generation": g, "best": best_f, "gen_min": float(fit_np.min()),
-           "gen_mean": float(fit_np.mean()), "start": f0, "evaluated": n + 1}
-    records.append(rec)
-    if on_generation:
-      on_generation(rec)
-  return set_scales(qparams, best_vec, layout), records, n + 1
+    n += len(fit)
+    keep(g, scales, fit)
+  if grad_score:  # the last step's result
+    x, _ = strategy.ask(key, state)
+    scales = strategy.to_scales(state, x)
+    fit = score(scales)
+    n += 1
+    keep(scfg.generations, scales, fit)
+  return set_scales(qparams, best_vec, layout), records, n
 
 
 def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
@@ -111,7 +128,8 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     if not state["holdout"]:
       state["holdout"] = [selection.pass_record(0, init_correct, init_correct,
                                                 state["fitness_init"])]
-  bar = tqdm(total=len(schedule) * scfg.generations, initial=state["position"] * scfg.generations,
+  per_unit = scfg.generations + (scfg.family == "gradient")  # + its last step's score
+  bar = tqdm(total=len(schedule) * per_unit, initial=state["position"] * per_unit,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):
     p, b = schedule[step]
@@ -124,7 +142,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     key = jax.random.fold_in(jax.random.key(seed), step)
     qparams, records, n = search_block(cfg, qcfg, scfg, params, qparams, images, fp_ref, b, key,
                                        on_generation)
-    for rec in records:  # "evaluated" counts this unit's candidates, its start included
+    for rec in records:  # "evaluated" counts this unit's evaluations so far, its start included
       state["history"].append({"pass": p, "block": b, **rec,
                                "candidates": state["candidates"] + rec.pop("evaluated")})
     state["candidates"] += n

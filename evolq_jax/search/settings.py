@@ -31,6 +31,7 @@ class SearchConfig:
   temperature: float = 3.0
   passes: int = 10
   generations: int = 3       # per block; a gradient method takes one step a generation
+                             # (and scores its last step's result once more)
   layers: tuple = ("attn",)  # groups ("attn", "mlp") or layer names ("qkv", "fc1", ...)
   acts: bool = False         # also the unit's searchable activation scales
   # tournament (evolq, random)
