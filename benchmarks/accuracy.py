@@ -160,6 +160,12 @@ def best_adam(runs):
   return min(sweep, key=lambda r: r["calibration_fitness"])["method"] if sweep else "grad-adam"
 
 
+def wants_curve(curves, setting, method, hard=None):
+  """Whether the plan records the budget curve of (setting, method); a plan's
+  "HARD" stands for the hardest setting once it is resolved (`hard`)."""
+  return (setting, method) in curves or (setting == hard and ("HARD", method) in curves)
+
+
 def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()):
   start, over, _ = SEARCHES[method]
   scfg = dataclasses.replace(search_config(c), **{
@@ -168,7 +174,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
   cfg, params = ctx["cfg"], ctx["params"]
   curve = []
   on_block = None
-  if seed == 0 and (setting, method) in ctx["curves"]:
+  if seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting")):
     curve.append({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
                   "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
                                                  ctx["fp_ref"], ctx["yardstick"])})
@@ -299,7 +305,7 @@ def main():
     hard = hardest_setting(init)
     if hard is None:
       raise SystemExit(f"no setting keeps >= 50% top-1 with init-reference: {init}")
-    payload["hard_setting"] = hard
+    payload["hard_setting"] = ctx["hard_setting"] = hard
     return hard
 
   wanted = args.settings or sorted({s for group, _ in plan for s in group})

@@ -74,6 +74,17 @@ def test_targets_table_resolves_best_and_margins(monkeypatch):
   assert accuracy._deterministic("grad-adam") and not accuracy._deterministic("sep-cma-es")
 
 
+def test_budget_curves_follow_the_hard_setting_once_resolved(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+  curves = accuracy.PLANS["cifar10"][1]
+  assert accuracy.wants_curve(curves, "W3A8", "evolq-infonce-4x", hard="W3A4")
+  assert accuracy.wants_curve(curves, "W3A4", "evolq-infonce-4x", hard="W3A4")
+  assert not accuracy.wants_curve(curves, "W4A4", "evolq-infonce-4x", hard="W3A4")
+  assert not accuracy.wants_curve(curves, "W3A4", "evolq-infonce-4x")  # not yet resolved
+  assert not accuracy.wants_curve(curves, "W3A4", "random-search", hard="W3A4")
+
+
 def test_pretrained_reading_sets_each_search_against_the_interval(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import accuracy
