@@ -115,11 +115,11 @@ def test_budget_shapes_of_the_test_bed(monkeypatch):
   snes = accuracy.method_budget("snes-eq", ref, 6)
   assert snes == dict(passes=3, generations=3, popsize=4)  # 234, the nearest to 240
   assert accuracy.method_budget("evolq-infonce-4x", ref, 6)["passes"] == 40
-  assert accuracy.method_budget("grad-adam-lr0.01", ref, 6) == dict(passes=10, generations=3)
+  assert accuracy.method_budget("grad-adam-lr0.03", ref, 6) == dict(passes=10, generations=3)
   runs = [{"method": "evolq-infonce", "seed": 0, "seconds": 100.0,
            "config": {"search": {"generations": 3}}},
-          {"method": "grad-adam-lr0.01", "seed": 0, "seconds": 300.0, "calibration_fitness": 2.0,
-           "config": {"search": {"generations": 3, "lr": 0.01}}},
+          {"method": "grad-adam-lr0.03", "seed": 0, "seconds": 300.0, "calibration_fitness": 2.0,
+           "config": {"search": {"generations": 3, "lr": 0.03}}},
           {"method": "grad-adam-lr0.1", "seed": 0, "seconds": 300.0, "calibration_fitness": 1.0,
            "config": {"search": {"generations": 3, "lr": 0.1}}}]
   assert accuracy.best_adam(runs) == "grad-adam-lr0.1"
