@@ -48,6 +48,11 @@ SEARCHES = {
     **{f"grad-adam-lr{lr:g}": ("reference", {"strategy": "adam", "lr": lr}, None)
        for lr in ADAM_LRS},
     "grad-adam-wall": ("reference", {"strategy": "adam"}, "wall:grad-adam"),
+    # beyond the sweep: a fresh Adam at every unit visit moves each scale by ~exp(+-lr) at
+    # its first step, so at a constant rate the later passes keep nothing; the cosine
+    # schedule starts at the sweep's pick on W3A4's calibration loss (0.3) and falls to ~0
+    "grad-adam-cosine": ("reference", {"strategy": "adam", "lr": 0.3, "lr_schedule": "cosine"},
+                         None),
     "evolq-infonce-4x": ("reference", {}, {"passes": "4x"}),
     # Sep-CMA-ES: the evosax strategy with the lowest mean W3A4 calibration loss at 1x
     "sep-cma-es-eq-4x": ("reference", {"strategy": "Sep_CMA_ES"},
@@ -87,6 +92,7 @@ CIFAR10_PLAN = [
                         "sep-cma-es-eq", "grad-adam-wall")),
     (("HARD", "W3A8"), ("evolq-mse", "evolq-kl", "evolq-cosine", "evolq-infonce-acts")),
     (("HARD", "W3A8"), ("evolq-infonce-4x", "sep-cma-es-eq-4x")),
+    (("HARD",), ("grad-adam-cosine",)),
 ]
 CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
                   for m in ("evolq-infonce", "grad-adam-wall", "evolq-infonce-4x",

@@ -204,6 +204,30 @@ def test_every_gradient_step_is_scored(setup):
       _full_forward_loss(params, qparams, x, fp_ref, 1, vec, layout, scfg), rel=1e-4)
 
 
+def test_cosine_rate_falls_over_the_passes_and_reaches_every_visit(setup, monkeypatch):
+  """search.lr_schedule='cosine': pass p's visits run at lr * (1 + cos(pi p / P)) / 2,
+  the first pass at lr itself and none at 0; 'constant' keeps lr throughout."""
+  from evolq_jax.search.gradient import pass_lr
+  assert pass_lr(0.3, "constant", 7, 10) == 0.3
+  rates = [pass_lr(0.3, "cosine", p, 10) for p in range(10)]
+  assert rates[0] == pytest.approx(0.3) and all(a > b > 0 for a, b in zip(rates, rates[1:]))
+  assert rates[5] == pytest.approx(0.15) and rates[9] < 0.01
+  seen, real = [], engine.search_block
+
+  def spy(cfg, qcfg, scfg, *args, **kw):
+    seen.append(scfg.lr)
+    return real(cfg, qcfg, scfg, *args, **kw)
+
+  monkeypatch.setattr(engine, "search_block", spy)
+  _run(setup, strategy="adam", children=1, lr=0.2, lr_schedule="cosine")
+  assert seen == pytest.approx([0.2, 0.2, 0.1, 0.1])  # 2 passes x 2 units, last to first
+  seen.clear()
+  _run(setup, strategy="adam", children=1, lr=0.2)
+  assert seen == pytest.approx([0.2] * 4)
+  with pytest.raises(ValueError, match=r"search.lr_schedule='step' .*cosine"):
+    SearchConfig(strategy="adam", lr_schedule="step")
+
+
 def _killed_then_resumed(monkeypatch, run, at_block: int = 3):
   """run() killed while searching its `at_block`-th block, then run(resume=True)."""
   real, calls = engine.search_block, {"n": 0}

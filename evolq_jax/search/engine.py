@@ -24,6 +24,7 @@ from evolq_jax.search import checkpoint as ckpt
 from evolq_jax.search import selection
 from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, population_scorer,
                                       prefix_activations, reference_logits)
+from evolq_jax.search.gradient import pass_lr
 from evolq_jax.search.settings import SearchConfig, SearchResult
 from evolq_jax.search.space import searched_scales, set_scales
 from evolq_jax.search.strategies import make_strategy, paper_radius
@@ -140,8 +141,9 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
       bar.set_postfix(best=f"{rec['best']:.4f}")
 
     key = jax.random.fold_in(jax.random.key(seed), step)
-    qparams, records, n = search_block(cfg, qcfg, scfg, params, qparams, images, fp_ref, b, key,
-                                       on_generation)
+    pass_cfg = dataclasses.replace(scfg, lr=pass_lr(scfg.lr, scfg.lr_schedule, p, scfg.passes))
+    qparams, records, n = search_block(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
+                                       key, on_generation)
     for rec in records:  # "evaluated" counts this unit's evaluations so far, its start included
       state["history"].append({"pass": p, "block": b, **rec,
                                "candidates": state["candidates"] + rec.pop("evaluated")})

@@ -4,9 +4,15 @@ minimized with optax (Adam or SGD) through the straight-through estimator.
 Scales are optimized in log space (scale = scale0 * exp(z)), starting at z = 0.
 Each generation is one step: its forward (+ backward) counts as one candidate
 evaluation. The engine gives `tell` the gradient of the loss w.r.t. z.
+
+Every unit visit starts a fresh optimizer, so Adam's first step moves every
+scale by about exp(+-lr). With a constant rate the later passes can only
+overshoot what the earlier ones found; `pass_lr` lowers the rate over passes
+(schedule "cosine": from lr at the first pass to near 0 at the last).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 METHODS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class GradState(NamedTuple):
@@ -24,6 +31,16 @@ class GradState(NamedTuple):
 
 def to_scales(state: GradState, z):
   return state.scales0 * jnp.exp(z)
+
+
+def pass_lr(lr: float, schedule: str, p: int, passes: int) -> float:
+  """The learning rate of pass p (0-based) of `passes` under `schedule`."""
+  if schedule not in LR_SCHEDULES:
+    raise ValueError(f"search.lr_schedule={schedule!r} is unknown: expected one of "
+                     f"{LR_SCHEDULES}.")
+  if schedule == "constant":
+    return lr
+  return lr * 0.5 * (1.0 + math.cos(math.pi * p / passes))
 
 
 def optax_strategy(name: str, lr: float):

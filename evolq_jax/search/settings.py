@@ -4,7 +4,7 @@ fields, so no field means two things:
   all:        strategy, loss, temperature, passes, generations, layers, acts
   tournament: pool, tournament, children, radius, step (evolq, random)
   evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
-  gradient:   lr                                       (adam, sgd: one step a generation)
+  gradient:   lr, lr_schedule                          (adam, sgd: one step a generation)
   scoring:    loss_batch, chunk, memory_mb, devices
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from evolq_jax.losses import LOSSES
+from evolq_jax.search.gradient import LR_SCHEDULES
 from evolq_jax.search.space import SearchSpace
 from evolq_jax.search.strategies import EVOSAX, GRADIENT, STRATEGIES, TOURNAMENT
 
@@ -46,6 +47,7 @@ class SearchConfig:
   param: str = "log"
   # gradient (adam, sgd)
   lr: float = 0.02           # in log-scale space: scale = scale0 * exp(z)
+  lr_schedule: str = "constant"  # over passes: constant | cosine (lr -> ~0 at the last pass)
   # scoring
   loss_batch: int = 100
   chunk: int = 0             # candidates vmapped at once; 0 = the whole population
@@ -74,6 +76,9 @@ class SearchConfig:
                        "scale (e.g. 0.0346: a uniform step with the std of evosax's sigma=0.02).")
     if not self.sigma > 0 or not self.lr > 0:
       raise ValueError(f"search.sigma={self.sigma!r} and search.lr={self.lr!r} must be > 0.")
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f"search.lr_schedule={self.lr_schedule!r} is unknown: expected one of "
+                       f"{LR_SCHEDULES} (cosine lowers search.lr over the passes).")
     if self.chunk < 0 or self.memory_mb < 0 or self.devices < 0:
       raise ValueError(f"search.chunk={self.chunk}, search.memory_mb={self.memory_mb} and "
                        f"search.devices={self.devices} must be >= 0 (0 = default).")
