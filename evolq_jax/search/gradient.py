@@ -22,7 +22,10 @@ import jax.numpy as jnp
 import optax
 
 METHODS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
+# schedule -> the rate's factor at the fraction of passes done (SearchConfig checks the name)
+_SCHEDULES = {"constant": lambda done: 1.0,
+              "cosine": lambda done: 0.5 * (1.0 + math.cos(math.pi * done))}
+LR_SCHEDULES = tuple(_SCHEDULES)
 
 
 class GradState(NamedTuple):
@@ -37,12 +40,7 @@ def to_scales(state: GradState, z):
 
 def pass_lr(lr: float, schedule: str, p: int, passes: int) -> float:
   """The learning rate of pass p (0-based) of `passes` under `schedule`."""
-  if schedule not in LR_SCHEDULES:
-    raise ValueError(f"search.lr_schedule={schedule!r} is unknown: expected one of "
-                     f"{LR_SCHEDULES}.")
-  if schedule == "constant":
-    return lr
-  return lr * 0.5 * (1.0 + math.cos(math.pi * p / passes))
+  return lr * _SCHEDULES[schedule](p / passes)
 
 
 def optax_strategy(name: str, lr: float):
