@@ -100,7 +100,7 @@ def code_version() -> dict:
     out = {"evolq_jax": version("evolq_jax")}
   except PackageNotFoundError:
     out = {"evolq_jax": "unknown"}
-  if os.path.isdir(os.path.join(_REPO, ".git")):
+  if os.path.exists(os.path.join(_REPO, ".git")):  # a file in a git worktree
     try:
       git = lambda *a: subprocess.run(["git", "-C", _REPO, *a], capture_output=True,  # noqa: E731
                                       text=True, timeout=20).stdout.strip()

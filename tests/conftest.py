@@ -2,14 +2,27 @@
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+# One XLA compilation cache for the whole test run: the two xdist workers, the
+# CLI subprocesses and the notebook kernels inherit it from the process that
+# starts them, so a program that many tests build (the fixture's forward, a
+# search's scoring) compiles once. Set before jax is imported; a cache the
+# user named is kept, one made here is removed when the run ends.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="evolq_jax_tests_xla_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-from evolq_jax.losses import batched_loss
-from evolq_jax.models import quantize_params, quantized_logits
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from evolq_jax.losses import batched_loss  # noqa: E402
+from evolq_jax.models import quantize_params, quantized_logits  # noqa: E402
 
 
 def import_timm():
@@ -68,3 +81,8 @@ def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
   shared by every unit's candidates."""
   return batched_loss("infonce", quantized_logits(cfg, qcfg, params, qparams, x), fp_ref,
                       loss_batch, 3.0)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

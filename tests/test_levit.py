@@ -207,6 +207,22 @@ def test_levit_population_fitness_equals_a_loop_and_the_full_forward(tiny_unifor
   assert [p[-1] for _, p, _ in layout] == (["kv", "q", "proj"] if unit == 1 else ["qkv", "proj"])
 
 
+def test_search_units_picks_a_subset_and_names_bad_entries():
+  """search.units: indices from either end; an index out of range, or a unit
+  without a selected layer, is an error that names it."""
+  from evolq_jax.search.space import SearchSpace
+  all_units = units(TINY)  # 5 units; 1 and 3 downsample (kv, q, proj: no qkv)
+  assert SearchConfig(units=[-1]).space.searched_units(all_units) == (4,)
+  assert SearchSpace(units=(3, 0, -5)).searched_units(all_units) == (0, 3)
+  assert SearchSpace(("qkv",), units=(-1, 2)).searched_units(all_units) == (2, 4)
+  with pytest.raises(ValueError, match=r"entries \[5\] are out of range: this model has 5 units"):
+    SearchSpace(units=(5,)).searched_units(all_units)
+  with pytest.raises(ValueError, match=r"unit\(s\) \[1\] hold none of search.layers"):
+    SearchSpace(("qkv",), units=(1, 2)).searched_units(all_units)
+  with pytest.raises(ValueError, match=r"search.units='last'"):
+    SearchConfig(units="last")
+
+
 def test_levit_units_without_a_selected_layer_are_skipped(tiny):
   """search.layers=("qkv",): the downsampling units (kv, q, proj) hold no qkv,
   so the search skips them instead of failing midway; a held-out pick still
@@ -244,16 +260,18 @@ def _image_folder(root, per_class=2):
 
 
 def test_levit_search_command_end_to_end(tmp_path, capsys):
-  """configs/levit_128s.py:W4A8 with random weights on 4 generated JPEGs."""
+  """configs/levit_128s.py:W4A8 with random weights on 4 generated JPEGs; two of
+  its 11 units searched (search.units), a downsampling one among them."""
   _image_folder(tmp_path / "data")
   sets = ["checkpoint=random", "data.source=image_folder", f"data.dir={tmp_path / 'data'}",
           "calib.num_images=4", "calib.batch_size=4", "eval.limit=4", "eval.batch_size=4",
-          "search.passes=1", "search.generations=1", "search.children=1", "search.loss_batch=4"]
+          "search.passes=1", "search.generations=1", "search.children=1", "search.loss_batch=4",
+          "search.units=(6,-1)"]
   args = ["search", "--config", "configs/levit_128s.py:W4A8", "--workdir", str(tmp_path / "run")]
   assert main(args + sum([["--set", s] for s in sets], [])) == 0, capsys.readouterr().err
   s = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert s["model"] == "levit_128s" and (s["w_bits"], s["a_bits"]) == (4, 8)
-  assert s["candidates_evaluated"] == 11 * (1 + 1)  # 11 attention modules, 1 + 1 each
+  assert s["candidates_evaluated"] == 2 * (1 + 1)  # 2 of the 11 units, 1 + 1 each
   assert s["fitness_final"] <= s["fitness_init"] + 1e-5
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["block"] for h in history] == list(range(10, -1, -1))  # last unit first
+  assert [h["block"] for h in history] == [10, 6]  # the last, then the second downsampling unit

@@ -3,6 +3,7 @@ converter (timm and original checkpoints, presets' shapes, safetensors), the
 FQ-ViT layout and quantized modes, the prefix forward, the search on a tiny
 instance, and `evolq search` end to end on generated images."""
 import dataclasses
+import json
 import time
 
 import jax
@@ -220,7 +221,8 @@ def _jpeg_folder(root, per_class=3, seed=0):
 
 def test_swin_tiny_search_cli_end_to_end(tmp_path, capsys):
   """The real swin_tiny at 224 (random weights), W4A8, one pass of one child per
-  unit over its 12 units, on 4 calibration and 2 test JPEGs."""
+  unit over its last two units of 12 (search.units), on 4 calibration and 2
+  test JPEGs."""
   _jpeg_folder(tmp_path / "data")
   start = time.time()
   rc = main(["search", "--config", "configs/swin_tiny.py:W4A8", "--workdir",
@@ -229,12 +231,14 @@ def test_swin_tiny_search_cli_end_to_end(tmp_path, capsys):
              "--set", "calib.num_images=4", "--set", "calib.batch_size=2",
              "--set", "eval.limit=2", "--set", "eval.batch_size=2",
              "--set", "search.passes=1", "--set", "search.generations=1",
-             "--set", "search.children=1", "--set", "search.loss_batch=2"])
+             "--set", "search.children=1", "--set", "search.loss_batch=2",
+             "--set", "search.units=(-2,-1)"])
   out = capsys.readouterr()
   print(f"evolq search swin_tiny W4A8: {time.time() - start:.1f} s")
   assert rc == 0, out.err
-  import json
   s = json.load(open(tmp_path / "run" / "summary.json"))
   assert s["model"] == "swin_tiny_patch4_window7_224" and (s["w_bits"], s["a_bits"]) == (4, 8)
-  assert s["candidates_evaluated"] == 12 * 2  # per unit: its start and one child
+  assert s["candidates_evaluated"] == 2 * 2  # per unit: its start and one child
+  history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+  assert [h["block"] for h in history] == [11, 10]  # of 12 units, last first
   assert np.isfinite(s["fitness_final"]) and s["fitness_final"] <= s["fitness_init"]

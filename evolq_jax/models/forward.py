@@ -7,7 +7,10 @@ channel with `qparams.weights`, then the model in "quant" mode with
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
+
+import jax
 
 from evolq_jax.models.registry import family_of
 from evolq_jax.quant.recipe import QuantConfig
@@ -33,7 +36,8 @@ def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None):
 def init_params(cfg, key):
   import jax.numpy as jnp
   images = jnp.zeros((1, cfg.img_size, cfg.img_size, cfg.in_chans), jnp.float32)
-  return model_for(cfg).init(key, images)["params"]
+  # one program: run eagerly, every initializer of every leaf compiles on its own
+  return jax.jit(lambda k: model_for(cfg).init(k, images)["params"])(key)
 
 
 def fp_logits(cfg, params, images, **kw):
@@ -41,7 +45,10 @@ def fp_logits(cfg, params, images, **kw):
   return model_for(cfg).apply({"params": params}, images, **kw)
 
 
+@functools.partial(jax.jit, static_argnames=("qcfg", "ste"))
 def quantize_params(qcfg: QuantConfig, params, qparams, ste: bool = False):
+  """Every kernel fake-quantized with its scales (one program: run eagerly, each
+  layer's few elementwise ops would dispatch, and compile, on their own)."""
   return quantize_weights(params, qparams.weights, qcfg.w_spec, qcfg.bias_correction, ste)
 
 

@@ -6,6 +6,9 @@ their `WeightQ` entries live in a tree keyed like the params, one
 """
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
@@ -20,8 +23,10 @@ def kernel_paths(params):
   return sorted(p[:-1] for p in flat if p[-1] == "kernel")
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "observer"))
 def calibrate_weights(params, spec: BitSpec, observer: str = "minmax"):
-  """Params -> nested {layer: {"scale": (out,), "zero_point": (out,)}}."""
+  """Params -> nested {layer: {"scale": (out,), "zero_point": (out,)}} (one
+  program for all layers)."""
   flat = traverse_util.flatten_dict(params)
   out = {}
   for path in kernel_paths(params):

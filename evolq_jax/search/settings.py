@@ -1,7 +1,7 @@
 """The search's settings and its result. Each method family has its own named
 fields, so no field means two things:
 
-  all:        strategy, loss, temperature, passes, generations, layers, acts
+  all:        strategy, loss, temperature, passes, generations, layers, acts, units
   tournament: pool, tournament, children, radius, step (evolq, random)
   evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
   gradient:   lr, lr_schedule                          (adam, sgd: one step a generation)
@@ -35,6 +35,7 @@ class SearchConfig:
                              # (and scores its last step's result once more)
   layers: tuple = ("attn",)  # groups ("attn", "mlp") or layer names ("qkv", "fc1", ...)
   acts: bool = False         # also the unit's searchable activation scales
+  units: tuple = ()          # indices of the units to search (-1 = the last); () = all (paper)
   # tournament (evolq, random)
   pool: int = 15
   tournament: int = 10
@@ -56,6 +57,8 @@ class SearchConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(self.layers))  # hashable: a jit static arg
+    if isinstance(self.units, list):
+      object.__setattr__(self, "units", tuple(self.units))
     if self.strategy not in STRATEGIES:
       raise ValueError(f"search.strategy={self.strategy!r} is unknown: expected one of "
                        f"{STRATEGIES}.")
@@ -93,11 +96,11 @@ class SearchConfig:
           f"search.children={self.children} applies to the tournament strategies {TOURNAMENT}; "
           f"{self.strategy!r} takes " + ("search.popsize (its lambda)." if self.strategy in EVOSAX
                                          else "one step a generation: set search.generations."))
-    SearchSpace(self.layers, self.acts)
+    SearchSpace(self.layers, self.acts, self.units)  # checks them
 
   @property
   def space(self) -> SearchSpace:
-    return SearchSpace(self.layers, self.acts)
+    return SearchSpace(self.layers, self.acts, self.units)
 
   @property
   def family(self) -> str:

@@ -5,7 +5,7 @@ unit's attention module (group "attn": ViT's qkv, proj; LeViT's q, kv, proj
 too). Configurable: more layers by group ("mlp") or short name ("fc1"), and
 the unit's per-tensor activation scales that the recipe marks searchable
 (PTF residual points and log2 probabilities are not: their structure is
-fixed by design).
+fixed by design), and a subset of the units (the paper searches them all).
 """
 from __future__ import annotations
 
@@ -27,12 +27,17 @@ PAPER_LAYERS = ("attn",)
 class SearchSpace:
   layers: tuple = PAPER_LAYERS
   acts: bool = False
+  units: tuple = ()  # unit indices (-1 = the last); () = every unit
 
   def __post_init__(self):
     if not self.layers or not all(isinstance(l, str) and l for l in self.layers):
       raise ValueError(f"search.layers={tuple(self.layers)!r}: expected a non-empty tuple of "
                        f"layer groups {GROUPS} or layer names such as 'qkv', 'fc1' (the paper "
                        f"searches {PAPER_LAYERS}).")
+    if not isinstance(self.units, tuple) or not all(
+        isinstance(u, int) and not isinstance(u, bool) for u in self.units):
+      raise ValueError(f"search.units={self.units!r}: expected a tuple of unit indices, "
+                       "e.g. (-2, -1) for the last two units, or () for all of them.")
 
   def unit_layers(self, unit: Unit) -> tuple:
     """The unit's searched layers: `layers` in order, each group in forward order."""
@@ -52,9 +57,20 @@ class SearchSpace:
 
   def searched_units(self, units) -> tuple:
     """Indices of the units holding a selected layer, in forward order. A unit
-    without one (a LeViT downsampling unit has q, kv, proj but no qkv) is skipped."""
+    without one (a LeViT downsampling unit has q, kv, proj but no qkv) is
+    skipped; with `units` set, only the units it names are searched."""
     self.check(units)
-    return tuple(u.index for u in units if self.unit_layers(u))
+    n = len(units)
+    bad = [i for i in self.units if not -n <= i < n]
+    if bad:
+      raise ValueError(f"search.units entries {bad} are out of range: this model has {n} units, "
+                       f"0 to {n - 1} (or -{n} to -1 from the end).")
+    wanted = {i % n for i in self.units} or set(range(n))
+    empty = sorted(i for i in wanted if self.units and not self.unit_layers(units[i]))
+    if empty:
+      raise ValueError(f"search.units: unit(s) {empty} hold none of search.layers="
+                       f"{self.layers}: drop them or select their layers.")
+    return tuple(u.index for u in units if u.index in wanted and self.unit_layers(u))
 
   def act_points(self, unit: Unit, acts: dict, rules: tuple) -> list:
     """Paths of the unit's searchable activation points, in sorted path order."""
