@@ -33,11 +33,13 @@ def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None):
                     rules=fam.act_rules(quant) if quant is not None else ())
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg, key):
+  """Random params (one program, compiled once per model: run eagerly, every
+  initializer of every leaf compiles on its own)."""
   import jax.numpy as jnp
   images = jnp.zeros((1, cfg.img_size, cfg.img_size, cfg.in_chans), jnp.float32)
-  # one program: run eagerly, every initializer of every leaf compiles on its own
-  return jax.jit(lambda k: model_for(cfg).init(k, images)["params"])(key)
+  return model_for(cfg).init(key, images)["params"]
 
 
 def fp_logits(cfg, params, images, **kw):

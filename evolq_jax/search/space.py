@@ -60,17 +60,19 @@ class SearchSpace:
     without one (a LeViT downsampling unit has q, kv, proj but no qkv) is
     skipped; with `units` set, only the units it names are searched."""
     self.check(units)
+    if not self.units:
+      return tuple(u.index for u in units if self.unit_layers(u))
     n = len(units)
     bad = [i for i in self.units if not -n <= i < n]
     if bad:
       raise ValueError(f"search.units entries {bad} are out of range: this model has {n} units, "
                        f"0 to {n - 1} (or -{n} to -1 from the end).")
-    wanted = {i % n for i in self.units} or set(range(n))
-    empty = sorted(i for i in wanted if self.units and not self.unit_layers(units[i]))
+    wanted = sorted({i % n for i in self.units})
+    empty = [i for i in wanted if not self.unit_layers(units[i])]
     if empty:
       raise ValueError(f"search.units: unit(s) {empty} hold none of search.layers="
                        f"{self.layers}: drop them or select their layers.")
-    return tuple(u.index for u in units if u.index in wanted and self.unit_layers(u))
+    return tuple(wanted)
 
   def act_points(self, unit: Unit, acts: dict, rules: tuple) -> list:
     """Paths of the unit's searchable activation points, in sorted path order."""
