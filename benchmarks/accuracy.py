@@ -10,7 +10,12 @@ among its passes on held-out training images (the init counting as pass 0).
   ->  benchmarks/results/accuracy.{md,json}, accuracy_*.png
 
 Runs are appended to accuracy.json as they finish; --resume skips the cells
-already there with the same budget, so a killed grid continues. --report
+already there with the same budget, so a killed grid continues. A running
+search checkpoints after every unit under --workdir (default
+runs/accuracy/NAME, one folder per cell and config), so --resume also
+continues a killed cell where it stopped; its record then lists the parts and
+the commits that ran them (extra.resumed). Runs that another --resume process
+wrote to the same JSON meanwhile are kept. --report
 rewrites the tables and plots from the JSON alone (--merge adds the runs
 of other result files, e.g. a grid split over machines by --settings/--name). The same script runs on an
 ImageNet config (e.g. configs/deit_small.py:W4A8 with data and checkpoint set).
@@ -18,11 +23,13 @@ ImageNet config (e.g. configs/deit_small.py:W4A8 with data and checkpoint set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import time
@@ -31,6 +38,7 @@ import jax
 import numpy as np
 from common import RESULTS, git_commit, write_results
 
+from evolq_jax import workdir
 from evolq_jax.baselines import clip_ratio
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import (
@@ -43,6 +51,7 @@ from evolq_jax.config import (
 from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import calibration_fitness, reference_logits, search
+from evolq_jax.search import checkpoint as ckpt
 from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.models.forward import units
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
@@ -166,46 +175,130 @@ def wants_curve(curves, setting, method, hard=None):
   return (setting, method) in curves or (setting == hard and ("HARD", method) in curves)
 
 
-def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()):
+def cell_dir(root, setting, method, seed, identity):
+  """The folder of one cell's checkpoints: named by the cell and a hash of
+  everything that changes its result, so a changed config never resumes it."""
+  key = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+  return os.path.join(root, f"{setting}_{method}_s{seed}_{key[:12]}")
+
+
+def _read_jsonl(path):
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _curve_points(path):
+  """The budget curve recorded so far; a point written twice (by a run killed
+  between the point and its checkpoint, and by its resume) counts once."""
+  points = {p["candidates"]: p for p in _read_jsonl(path)}
+  return [points[k] for k in sorted(points)]
+
+
+def _append(path, record):
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=(), root=None):
+  """One cell -> (its record, its folder or None). With `root`, the search
+  checkpoints after every unit in a folder of its own under root (cell_dir),
+  where a killed cell resumes; the caller removes the folder once the record
+  is written."""
   start, over, _ = SEARCHES[method]
   scfg = dataclasses.replace(search_config(c), **{
       **over, **method_budget(method, budget, len(units(ctx["cfg"])), done_runs)})
   qcfg, qp0 = starts[start]
+  folder = None
+  if root:
+    folder = cell_dir(root, setting, method, seed, {
+        "quant": dataclasses.asdict(qcfg), "search": dataclasses.asdict(scfg), "start": start,
+        "holdout": len(ctx["holdout"][1]) if ctx.get("holdout") else 0,
+        "holdout_alpha": ctx.get("holdout_alpha"), "source": ctx.get("source")})
+    os.makedirs(folder, exist_ok=True)
+  with workdir.lock(folder) if folder else contextlib.nullcontext():
+    return _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder), folder
+
+
+def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
   cfg, params = ctx["cfg"], ctx["params"]
-  curve = []
+  parts = []  # the commits that ran parts of this cell, and where each began
+  if folder:
+    parts_file = os.path.join(folder, "parts.jsonl")
+    parts = _read_jsonl(parts_file)
+    done_before = ckpt.steps(folder)
+    part = {"git_commit": git_commit(), "from_unit_visit": done_before[-1] if done_before else 0,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if parts:
+      print(f"{setting} {method} seed {seed}: resuming at unit visit {part['from_unit_visit']} "
+            f"from {folder}", file=sys.stderr, flush=True)
+    parts.append(part)
+    _append(parts_file, part)
+  curve_file = os.path.join(folder, "curve.jsonl") if folder else None
+  curve = _curve_points(curve_file) if folder else []
   on_block = None
   if seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting")):
-    curve.append({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
-                  "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
-                                                 ctx["fp_ref"], ctx["yardstick"])})
+    if not curve:
+      point = {"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
+               "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
+                                              ctx["fp_ref"], ctx["yardstick"])}
+      curve.append(point)
+      if folder:
+        _append(curve_file, point)
 
     def record(qp, rec):
-      curve.append({"candidates": rec["candidates"], "fitness": rec["fitness"],
-                    **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
+      point = {"candidates": rec["candidates"], "fitness": rec["fitness"],
+               **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)}
+      curve.append(point)
+      if folder:
+        _append(curve_file, point)
     on_block = record
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
-             holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block)
+             holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block,
+             workdir=folder, resume=folder is not None)
+  if folder:
+    curve = _curve_points(curve_file)
   final = _metrics(ctx, qcfg, r.qparams)
   last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
+  extra = {"start": {"best": best, "reference": "init-reference"}.get(start, start),
+           "own_loss_init": r.fitness_init, "selected_pass": r.selected_pass,
+           "holdout": r.holdout, "last_pass_test_top1": last["test_top1"], "curve": curve,
+           # the 1-min load average at the end: "seconds" is only a timing when idle
+           "load_average_1m": os.getloadavg()[0]}
+  if len(parts) > 1:  # "seconds" then sums the parts up to their last checkpoints
+    extra["resumed"] = parts
   return {"setting": setting, "method": method, "seed": seed,
           "calibration_fitness": calibration_fitness(cfg, qcfg, params, r.qparams, ctx["calib"],
                                                      ctx["fp_ref"], ctx["yardstick"]),
           **final, "candidates_evaluated": r.candidates,
           "seconds": r.seconds, "config": {"quant": dataclasses.asdict(qcfg),
                                            "search": dataclasses.asdict(scfg)},
-          "extra": {"start": {"best": best, "reference": "init-reference"}.get(start, start), "own_loss_init": r.fitness_init,
-                    "selected_pass": r.selected_pass, "holdout": r.holdout,
-                    "last_pass_test_top1": last["test_top1"], "curve": curve,
-                    # the 1-min load average at the end: "seconds" is only a timing when idle
-                    "load_average_1m": os.getloadavg()[0]}}
+          "extra": extra}
 
 
-def _save(payload, name):
+def _key(run):
+  return (run["setting"], run["method"], run["seed"])
+
+
+def _save(payload, name, merge=False):
+  """Write the grid's JSON (never half-written) -> the payload written. With
+  `merge`, the runs another process has added to the file since it was read
+  (same budget) are kept, not overwritten."""
   path = os.path.join(RESULTS, f"{name}.json")
   os.makedirs(RESULTS, exist_ok=True)
+  if merge and os.path.exists(path):
+    with open(path) as f:
+      disk = json.load(f)
+    if disk.get("budget") == payload.get("budget"):
+      mine = {_key(r) for r in payload["runs"]}
+      payload["runs"] += [r for r in disk["runs"] if _key(r) not in mine]
   with open(path + ".tmp", "w") as f:
     json.dump(payload, f, indent=1)
   os.replace(path + ".tmp", path)
+  return payload
 
 
 def main():
@@ -226,7 +319,12 @@ def main():
                   help="sign-test level for keeping a pass over the init (1.0: plain best "
                        "held-out top-1, what this grid's committed runs used)")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
-  ap.add_argument("--resume", action="store_true")
+  ap.add_argument("--resume", action="store_true",
+                  help="skip the cells already in the JSON and continue a killed cell from "
+                       "its last checkpoint")
+  ap.add_argument("--workdir", default=None,
+                  help="where each running cell checkpoints after every unit (default "
+                       "runs/accuracy/NAME); a finished cell's folder is removed")
   ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
   ap.add_argument("--name", default="accuracy", help="result file names")
   ap.add_argument("--merge", nargs="*", default=[],
@@ -264,7 +362,9 @@ def main():
          "fp_ref": reference_logits(cfg, params, data["calib"]),
          # the common yardstick: every run's calibration loss is infoNCE with
          # the config's loss batch and temperature, whatever loss it searched
-         "yardstick": dataclasses.replace(search_config(c), loss="infonce")}
+         "yardstick": dataclasses.replace(search_config(c), loss="infonce"),
+         "source": {"config": args.config, "overrides": args.set}}
+  root = args.workdir or os.path.join("runs", "accuracy", args.name)
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
   payload["model"], payload["test_images"] = cfg.name, len(data["test"][1])
   done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
@@ -322,11 +422,12 @@ def main():
           cs, starts, best = setting_state(setting)
           if SEARCHES[method][0] == "best" and best == "init-reference":
             continue  # the same run as the one from the reference's init
-          r = run_search(ctx, cs, setting, method, seed, starts, best, budget,
-                         [r for r in payload["runs"] if r["setting"] == setting])
+          r, folder = run_search(ctx, cs, setting, method, seed, starts, best, budget,
+                                 [r for r in payload["runs"] if r["setting"] == setting], root)
           payload["runs"].append({**r, **common})
           done.add((setting, method, seed))
-          _save(payload, args.name)
+          payload = _save(payload, args.name, merge=args.resume)
+          shutil.rmtree(folder, ignore_errors=True)
           print(f"{setting} {method} seed {seed}: top-1 {r['test_top1']:.2f}, "
                 f"calib {r['calibration_fitness']:.4f}, {r['seconds']:.0f} s", file=sys.stderr,
                 flush=True)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["checkpoint='random'", "calib.num_images=40", "calib.batch_size=20", "eval.limit=100",
          "eval.batch_size=50", "search.loss_batch=20"]
@@ -24,8 +26,50 @@ def _grid(tmp_path, *extra):
   return json.loads((tmp_path / "grid.json").read_text())
 
 
-def test_accuracy_grid_records_every_field_and_resumes(tmp_path):
-  runs = _grid(tmp_path)["runs"]
+def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
+  """The grid of _grid, run in this process -> the number of unit visits it
+  searched. With `stop_after`, killed (KeyboardInterrupt) at the next visit."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+  import common
+  from evolq_jax.search import engine
+  monkeypatch.setattr(accuracy, "RESULTS", str(tmp_path))
+  monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+  real, visits = getattr(engine.search_block, "__wrapped__", engine.search_block), []
+
+  def search_block(*a, **k):
+    if len(visits) == stop_after:
+      raise KeyboardInterrupt
+    visits.append(1)
+    return real(*a, **k)
+  search_block.__wrapped__ = real  # a second call in the same test counts afresh
+  monkeypatch.setattr(engine, "search_block", search_block)
+  monkeypatch.setattr(sys, "argv", ["accuracy.py", "--settings", "W4A8", "--only",
+                                    "evolq-infonce", "--seeds", "0", "--passes", "1",
+                                    "--generations", "1", "--children", "2", "--holdout", "30",
+                                    "--name", "grid", *extra, "--set", *SMALL])
+  monkeypatch.chdir(tmp_path)
+  if stop_after is None:
+    accuracy.main()
+  else:
+    with pytest.raises(KeyboardInterrupt):
+      accuracy.main()
+  return len(visits)
+
+
+def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
+  # killed in the search's fourth unit visit: the baselines are in grid.json and
+  # the cell has 3 checkpoints; --resume searches the other 3 visits only
+  _grid_here(tmp_path, monkeypatch, stop_after=3)
+  assert {r["method"] for r in json.loads((tmp_path / "grid.json").read_text())["runs"]} == \
+      {"init-reference", "init-minmax", "init-omse", "init-percentile", "clip-ratio"}
+  cells = tmp_path / "runs" / "accuracy" / "grid"
+  (cell,) = cells.iterdir()
+  assert cell.name.startswith("W4A8_evolq-infonce_s0_")
+  assert sorted(int(d) for d in os.listdir(cell / "checkpoints") if d.isdigit())[-1] == 3
+  assert _grid_here(tmp_path, monkeypatch, "--resume") == 3
+  assert not list(cells.iterdir())  # a finished cell's checkpoints are removed
+  runs = json.loads((tmp_path / "grid.json").read_text())["runs"]
   by_method = {r["method"]: r for r in runs}
   assert set(by_method) == {"init-reference", "init-minmax", "init-omse", "init-percentile",
                             "clip-ratio", "evolq-infonce"}
@@ -36,6 +80,7 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path):
     assert r["config"]["quant"]["w_bits"] == 4 and r["config"]["quant"]["a_bits"] == 8
   r = by_method["evolq-infonce"]
   assert r["seed"] == 0 and r["candidates_evaluated"] == 6 * (1 + 1 * 2)
+  assert [p["from_unit_visit"] for p in r["extra"]["resumed"]] == [0, 3]
   assert r["config"]["search"]["strategy"] == "evolq"
   # the paper's rows start where the reference's run script starts
   assert r["extra"]["start"] == "init-reference"
@@ -146,3 +191,22 @@ def test_testbed_targets_pick_the_setting_with_the_largest_gap(monkeypatch):
   assert rows[0].endswith("| +2.00 | yes |")  # 62.0 vs init-reference 60.0
   assert rows[1].split("|")[-2].strip() == "yes"  # +1.77 > the larger seed std
   assert rows[2].endswith("| +0.50 | yes |")
+
+
+def test_save_keeps_the_runs_another_process_wrote(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+  monkeypatch.setattr(accuracy, "RESULTS", str(tmp_path))
+  run = lambda method, seed: {"setting": "W4A8", "method": method, "seed": seed}  # noqa: E731
+  budget = {"passes": 1}
+  accuracy._save({"budget": budget, "runs": [run("a", 0)]}, "g")
+  other = {"budget": budget, "runs": [run("a", 0), run("b", 1)]}  # another process's file
+  accuracy._save(other, "g")
+  mine = accuracy._save({"budget": budget, "runs": [run("a", 0), run("c", 0)]}, "g", merge=True)
+  keys = lambda p: sorted((r["method"], r["seed"]) for r in p["runs"])  # noqa: E731
+  assert keys(mine) == keys(json.loads((tmp_path / "g.json").read_text())) == \
+      [("a", 0), ("b", 1), ("c", 0)]
+  # a file of another budget is not merged: its runs don't compare
+  accuracy._save({"budget": {"passes": 2}, "runs": [run("d", 0)]}, "g")
+  assert keys(accuracy._save({"budget": budget, "runs": [run("a", 0)]}, "g", merge=True)) == \
+      [("a", 0)]

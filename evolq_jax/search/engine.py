@@ -104,6 +104,8 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     The search itself always continues from the last pass.
   on_block: optional callback(qparams, record) after every unit, e.g. for a
     budget curve; record has pass, block (the unit index), candidates and fitness.
+  The result's `seconds` counts the time of earlier, interrupted parts of a
+  resumed run too (up to their last checkpoint).
   """
   if scfg.radius == 0:
     scfg = dataclasses.replace(scfg, radius=paper_radius(qcfg.w_bits))
@@ -170,6 +172,6 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   result = selected if holdout is not None else qparams
   final = calibration_fitness(cfg, qcfg, params, result, images, fp_ref, scfg)
   return SearchResult(result, state["history"], state["fitness_init"], final,
-                      state["candidates"], time.time() - start_time,
+                      state["candidates"], state["elapsed"] + time.time() - start_time,
                       state["selected_pass"] if holdout is not None else scfg.passes,
                       state["holdout"], qparams)
