@@ -36,7 +36,7 @@ import time
 
 import jax
 import numpy as np
-from common import RESULTS, git_commit, write_results
+from common import RESULTS, code_key, git_commit, write_results
 
 from evolq_jax import workdir
 from evolq_jax.baselines import clip_ratio
@@ -371,13 +371,15 @@ def main():
   common = {"model": cfg.name, "git_commit": git_commit(),
             "config_file": args.config or "base_config()", "overrides": args.set}
   states = {}
+  code = code_key("evolq_jax", "configs", "benchmarks/accuracy.py",
+                  "benchmarks/accuracy_plans.py", "benchmarks/common.py")
 
   def setting_state(setting):  # the no-search baselines, once per setting
     if setting not in states:
       cs = _setting(c, setting)
-      # Cached across invocations of the same commit and config: a resumed
+      # Cached across invocations of the same code and config: a resumed
       # grid need not recalibrate.
-      key = hashlib.sha1(f"{cs.to_json()}|{args.holdout}|{common['git_commit']}".encode())
+      key = hashlib.sha1(f"{cs.to_json()}|{args.holdout}|{code}".encode())
       key = key.hexdigest()[:16]
       cache = os.path.join(tempfile.gettempdir(), f"evolq_accuracy_{setting}_{key}.pkl")
       if os.path.exists(cache):

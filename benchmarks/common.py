@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: provenance and result files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +22,23 @@ def git_commit() -> str:
     return out + ("-dirty" if dirty.strip() else "")
   except (OSError, subprocess.CalledProcessError):
     return "unknown"
+
+
+def code_key(*paths: str) -> str:
+  """A hash of the code under `paths` (relative to the repo root) as it is on
+  disk: their committed trees plus any uncommitted change to them. Unlike the
+  commit, it stays the same across commits that touch only other files
+  (results, the README), so caches keyed by it survive those. Outside git (or
+  for a path git does not know): git_commit()."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,  # noqa: E731
+                                    cwd=root, check=True).stdout
+    trees = run("rev-parse", *(f"HEAD:{p}" for p in paths))
+    diff = run("diff", "HEAD", "--", *paths)
+  except (OSError, subprocess.CalledProcessError):
+    return git_commit()
+  return hashlib.sha1((trees + diff).encode()).hexdigest()[:16]
 
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
