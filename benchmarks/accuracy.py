@@ -239,23 +239,27 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
     _append(parts_file, part)
   curve_file = os.path.join(folder, "curve.jsonl") if folder else None
   curve = _curve_points(curve_file) if folder else []
-  on_block = None
-  if seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting")):
-    if not curve:
-      point = {"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
-               "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
-                                              ctx["fp_ref"], ctx["yardstick"])}
-      curve.append(point)
-      if folder:
-        _append(curve_file, point)
+  wanted = seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting"))
+  if wanted and not curve:
+    point = {"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
+             "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
+                                            ctx["fp_ref"], ctx["yardstick"])}
+    curve.append(point)
+    if folder:
+      _append(curve_file, point)
+  began = time.time()
 
-    def record(qp, rec):
+  def on_block(qp, rec):
+    # one line a unit: a grid cell runs for hours with nothing else to show
+    print(f"{setting} {method} seed {seed}: pass {rec['pass'] + 1}/{scfg.passes}, unit "
+          f"{rec['block']}, {rec['candidates']} candidates, loss {rec['fitness']:.4f}, "
+          f"{time.time() - began:.0f} s in this part", file=sys.stderr, flush=True)
+    if wanted:
       point = {"candidates": rec["candidates"], "fitness": rec["fitness"],
                **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)}
       curve.append(point)
       if folder:
         _append(curve_file, point)
-    on_block = record
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
              holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block,
              workdir=folder, resume=folder is not None)
