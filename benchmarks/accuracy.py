@@ -230,7 +230,8 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
     parts_file = os.path.join(folder, "parts.jsonl")
     parts = _read_jsonl(parts_file)
     done_before = ckpt.steps(folder)
-    part = {"git_commit": git_commit(), "from_unit_visit": done_before[-1] if done_before else 0,
+    part = {"git_commit": ctx["git_commit"],
+            "from_unit_visit": done_before[-1] if done_before else 0,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if parts:
       print(f"{setting} {method} seed {seed}: resuming at unit visit {part['from_unit_visit']} "
@@ -335,6 +336,7 @@ def main():
                   help="with --report: add the runs of these result JSONs (e.g. a grid split "
                        "over machines by --settings and --name)")
   args = ap.parse_args()
+  commit = git_commit()  # the code this process runs, whatever is committed while it runs
   path = os.path.join(RESULTS, f"{args.name}.json")
   payload = {"runs": []}
   if (args.resume or args.report) and os.path.exists(path):
@@ -367,12 +369,12 @@ def main():
          # the common yardstick: every run's calibration loss is infoNCE with
          # the config's loss batch and temperature, whatever loss it searched
          "yardstick": dataclasses.replace(search_config(c), loss="infonce"),
-         "source": {"config": args.config, "overrides": args.set}}
+         "source": {"config": args.config, "overrides": args.set}, "git_commit": commit}
   root = args.workdir or os.path.join("runs", "accuracy", args.name)
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
   payload["model"], payload["test_images"] = cfg.name, len(data["test"][1])
   done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
-  common = {"model": cfg.name, "git_commit": git_commit(),
+  common = {"model": cfg.name, "git_commit": commit,
             "config_file": args.config or "base_config()", "overrides": args.set}
   states = {}
   code = code_key("evolq_jax", "configs", "benchmarks/accuracy.py",
