@@ -207,7 +207,7 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
   """One cell -> (its record, its folder or None). With `root`, the search
   checkpoints after every unit in a folder of its own under root (cell_dir),
   where a killed cell resumes; the caller removes the folder once the record
-  is written."""
+  is written. The record is None when another process holds the folder."""
   start, over, _ = SEARCHES[method]
   scfg = dataclasses.replace(search_config(c), **{
       **over, **method_budget(method, budget, len(units(ctx["cfg"])), done_runs)})
@@ -219,7 +219,12 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
         "holdout": len(ctx["holdout"][1]) if ctx.get("holdout") else 0,
         "holdout_alpha": ctx.get("holdout_alpha"), "source": ctx.get("source")})
     os.makedirs(folder, exist_ok=True)
-  with workdir.lock(folder) if folder else contextlib.nullcontext():
+  with contextlib.ExitStack() as stack:
+    if folder:
+      try:
+        stack.enter_context(workdir.lock(folder))
+      except ValueError:  # another grid process holds this cell
+        return None, folder
     return _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder), folder
 
 
@@ -286,6 +291,16 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
 
 def _key(run):
   return (run["setting"], run["method"], run["seed"])
+
+
+def _finished(name, budget):
+  """The cells in the grid's JSON on disk, if it has this budget."""
+  path = os.path.join(RESULTS, f"{name}.json")
+  if not os.path.exists(path):
+    return set()
+  with open(path) as f:
+    disk = json.load(f)
+  return {_key(r) for r in disk["runs"]} if disk.get("budget") == budget else set()
 
 
 def _save(payload, name, merge=False):
@@ -425,6 +440,8 @@ def main():
     for seed in args.seeds:  # seed-major inside a group
       for setting in settings:
         for method in methods:
+          if args.resume:  # what other grid processes on this JSON have finished meanwhile
+            done |= _finished(args.name, budget)
           if (setting, method, seed) in done or (seed != args.seeds[0] and _deterministic(method)):
             continue
           cs, starts, best = setting_state(setting)
@@ -432,6 +449,10 @@ def main():
             continue  # the same run as the one from the reference's init
           r, folder = run_search(ctx, cs, setting, method, seed, starts, best, budget,
                                  [r for r in payload["runs"] if r["setting"] == setting], root)
+          if r is None:
+            print(f"{setting} {method} seed {seed}: skipped, another process is running it "
+                  f"({folder})", file=sys.stderr, flush=True)
+            continue
           payload["runs"].append({**r, **common})
           done.add((setting, method, seed))
           payload = _save(payload, args.name, merge=args.resume)

@@ -67,6 +67,11 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
   (cell,) = cells.iterdir()
   assert cell.name.startswith("W4A8_evolq-infonce_s0_")
   assert sorted(int(d) for d in os.listdir(cell / "checkpoints") if d.isdigit())[-1] == 3
+  from evolq_jax import workdir
+  with workdir.lock(str(cell)):  # another grid process runs the cell: skipped, not run twice
+    assert _grid_here(tmp_path, monkeypatch, "--resume") == 0
+  assert "evolq-infonce" not in {r["method"] for r in
+                                 json.loads((tmp_path / "grid.json").read_text())["runs"]}
   assert _grid_here(tmp_path, monkeypatch, "--resume") == 3
   assert not list(cells.iterdir())  # a finished cell's checkpoints are removed
   runs = json.loads((tmp_path / "grid.json").read_text())["runs"]
@@ -206,6 +211,9 @@ def test_save_keeps_the_runs_another_process_wrote(tmp_path, monkeypatch):
   keys = lambda p: sorted((r["method"], r["seed"]) for r in p["runs"])  # noqa: E731
   assert keys(mine) == keys(json.loads((tmp_path / "g.json").read_text())) == \
       [("a", 0), ("b", 1), ("c", 0)]
+  # what a --resume grid skips: the cells on disk, only if the budget is its own
+  assert accuracy._finished("g", budget) == {("W4A8", m, s) for m, s in keys(mine)}
+  assert accuracy._finished("g", {"passes": 9}) == set()
   # a file of another budget is not merged: its runs don't compare
   accuracy._save({"budget": {"passes": 2}, "runs": [run("d", 0)]}, "g")
   assert keys(accuracy._save({"budget": budget, "runs": [run("a", 0)]}, "g", merge=True)) == \
