@@ -110,6 +110,8 @@ def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, 
     x, k = args
     return loss_fn(forward(x), k, temperature)
 
+  if ste:  # through a gradient: keep one loss batch's activations at a time, not all of them
+    one_batch = jax.checkpoint(one_batch)
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 
 
