@@ -189,10 +189,10 @@ def _read_jsonl(path):
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _curve_points(path):
-  """The budget curve recorded so far; a point written twice (by a run killed
-  between the point and its checkpoint, and by its resume) counts once."""
-  points = {p["candidates"]: p for p in _read_jsonl(path)}
+def _unique(curve):
+  """A budget curve with each point once: a run killed between a point and its
+  checkpoint writes that point again when it resumes."""
+  points = {p["candidates"]: p for p in curve}
   return [points[k] for k in sorted(points)]
 
 
@@ -244,15 +244,18 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
     parts.append(part)
     _append(parts_file, part)
   curve_file = os.path.join(folder, "curve.jsonl") if folder else None
-  curve = _curve_points(curve_file) if folder else []
-  wanted = seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting"))
-  if wanted and not curve:
-    point = {"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
-             "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
-                                            ctx["fp_ref"], ctx["yardstick"])}
+  curve = _read_jsonl(curve_file) if folder else []  # the points of earlier parts
+
+  def add_point(point):
     curve.append(point)
     if folder:
       _append(curve_file, point)
+
+  wanted = seed == 0 and wants_curve(ctx["curves"], setting, method, ctx.get("hard_setting"))
+  if wanted and not curve:
+    add_point({"candidates": 0, **_metrics(ctx, qcfg, qp0, CURVE_TEST_IMAGES),
+               "fitness": calibration_fitness(cfg, qcfg, params, qp0, ctx["calib"],
+                                              ctx["fp_ref"], ctx["yardstick"])})
   began = time.time()
 
   def on_block(qp, rec):
@@ -261,16 +264,12 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
           f"{rec['block']}, {rec['candidates']} candidates, loss {rec['fitness']:.4f}, "
           f"{time.time() - began:.0f} s in this part", file=sys.stderr, flush=True)
     if wanted:
-      point = {"candidates": rec["candidates"], "fitness": rec["fitness"],
-               **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)}
-      curve.append(point)
-      if folder:
-        _append(curve_file, point)
+      add_point({"candidates": rec["candidates"], "fitness": rec["fitness"],
+                 **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
              holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block,
              workdir=folder, resume=folder is not None)
-  if folder:
-    curve = _curve_points(curve_file)
+  curve = _unique(curve)
   final = _metrics(ctx, qcfg, r.qparams)
   last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
   extra = {"start": {"best": best, "reference": "init-reference"}.get(start, start),
@@ -293,30 +292,34 @@ def _key(run):
   return (run["setting"], run["method"], run["seed"])
 
 
-def _finished(name, budget):
-  """The cells in the grid's JSON on disk, if it has this budget."""
+def _runs_on_disk(name, budget):
+  """The runs in the grid's JSON as it is on disk now, if it has this budget
+  (runs of another budget don't compare)."""
   path = os.path.join(RESULTS, f"{name}.json")
   if not os.path.exists(path):
-    return set()
+    return []
   with open(path) as f:
     disk = json.load(f)
-  return {_key(r) for r in disk["runs"]} if disk.get("budget") == budget else set()
+  return disk["runs"] if disk.get("budget") == budget else []
+
+
+def _finished(name, budget):
+  """The cells another grid process on this JSON may have finished meanwhile."""
+  return {_key(r) for r in _runs_on_disk(name, budget)}
 
 
 def _save(payload, name, merge=False):
-  """Write the grid's JSON (never half-written) -> the payload written. With
-  `merge`, the runs another process has added to the file since it was read
-  (same budget) are kept, not overwritten."""
+  """Write the grid's JSON (never half-written) -> the payload, which with
+  `merge` has gained the runs another process added to the file since it was
+  read (same budget), instead of overwriting them."""
   path = os.path.join(RESULTS, f"{name}.json")
   os.makedirs(RESULTS, exist_ok=True)
-  if merge and os.path.exists(path):
-    with open(path) as f:
-      disk = json.load(f)
-    if disk.get("budget") == payload.get("budget"):
-      mine = {_key(r) for r in payload["runs"]}
-      payload["runs"] += [r for r in disk["runs"] if _key(r) not in mine]
+  if merge:
+    mine = {_key(r) for r in payload["runs"]}
+    payload["runs"] += [r for r in _runs_on_disk(name, payload.get("budget"))
+                        if _key(r) not in mine]
   with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=1)
+    json.dump(payload, f, indent=2)  # as write_results: a rewrite of the same runs changes no byte
   os.replace(path + ".tmp", path)
   return payload
 
@@ -358,15 +361,14 @@ def main():
     with open(path) as f:
       payload = json.load(f)
   if args.report:
-    keys = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
+    keys = {_key(r) for r in payload["runs"]}
     for other in args.merge:
       with open(other) as f:
         extra = json.load(f)
       if extra.get("budget") != payload.get("budget"):
         raise SystemExit(f"{other}: budget {extra.get('budget')} differs from "
                          f"{payload.get('budget')}; runs with different budgets don't compare.")
-      payload["runs"] += [r for r in extra["runs"]
-                          if (r["setting"], r["method"], r["seed"]) not in keys]
+      payload["runs"] += [r for r in extra["runs"] if _key(r) not in keys]
     return report(payload, args.name)
   budget = dict(passes=args.passes, generations=args.generations, children=args.children)
   payload["budget"], payload["holdout_images"] = budget, args.holdout
@@ -388,7 +390,7 @@ def main():
   root = args.workdir or os.path.join("runs", "accuracy", args.name)
   payload["fp_top1"] = classification_metrics(ctx["fp"], data["test"][1])["top1"]
   payload["model"], payload["test_images"] = cfg.name, len(data["test"][1])
-  done = {(r["setting"], r["method"], r["seed"]) for r in payload["runs"]}
+  done = {_key(r) for r in payload["runs"]}
   common = {"model": cfg.name, "git_commit": commit,
             "config_file": args.config or "base_config()", "overrides": args.set}
   states = {}
@@ -455,8 +457,9 @@ def main():
             continue
           payload["runs"].append({**r, **common})
           done.add((setting, method, seed))
-          payload = _save(payload, args.name, merge=args.resume)
-          shutil.rmtree(folder, ignore_errors=True)
+          _save(payload, args.name, merge=args.resume)  # in place
+          if folder:
+            shutil.rmtree(folder, ignore_errors=True)
           print(f"{setting} {method} seed {seed}: top-1 {r['test_top1']:.2f}, "
                 f"calib {r['calibration_fitness']:.4f}, {r['seconds']:.0f} s", file=sys.stderr,
                 flush=True)
