@@ -241,6 +241,9 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
     if parts:
       print(f"{setting} {method} seed {seed}: resuming at unit visit {part['from_unit_visit']} "
             f"from {folder}", file=sys.stderr, flush=True)
+    else:  # a killed cell resumes only where --resume finds this folder again
+      print(f"{setting} {method} seed {seed}: checkpoints in {os.path.abspath(folder)}",
+            file=sys.stderr, flush=True)
     parts.append(part)
     _append(parts_file, part)
   curve_file = os.path.join(folder, "curve.jsonl") if folder else None
@@ -347,7 +350,9 @@ def main():
                        "its last checkpoint")
   ap.add_argument("--workdir", default=None,
                   help="where each running cell checkpoints after every unit (default "
-                       "runs/accuracy/NAME); a finished cell's folder is removed")
+                       "runs/accuracy/NAME under the current directory: resume a killed "
+                       "cell from the same directory, or pass the same --workdir); a "
+                       "finished cell's folder is removed")
   ap.add_argument("--report", action="store_true", help="only rewrite tables and plots")
   ap.add_argument("--name", default="accuracy", help="result file names")
   ap.add_argument("--merge", nargs="*", default=[],
@@ -670,6 +675,21 @@ def _interval_reading(groups, ci):
   return lines + [""]
 
 
+def _pass_losses(runs, setting, skip=()):
+  """The calibration loss after each pass of the searches at `setting` that kept
+  no per-block curve (their held-out records) -> [(method, seed, candidates, loss)];
+  a search spends the same number of evaluations on every pass."""
+  out = []
+  for r in runs:
+    passes = r.get("extra", {}).get("holdout") or []
+    if r["setting"] != setting or r["method"] in skip or len(passes) < 2:
+      continue
+    per_pass = r["candidates_evaluated"] / (len(passes) - 1)
+    out.append((r["method"], r["seed"], [p["pass"] * per_pass for p in passes],
+                [p["fitness"] for p in passes]))
+  return out
+
+
 def _plots(runs, groups, settings, name, fp_top1=None, curve_images=CURVE_TEST_IMAGES):
   import matplotlib
   matplotlib.use("Agg")
@@ -701,6 +721,9 @@ def _plots(runs, groups, settings, name, fp_top1=None, curve_images=CURVE_TEST_I
       n = [p["candidates"] for p in cv]
       a1.plot(n, [p["test_top1"] for p in cv], marker="o", ms=3, label=m)
       a2.plot(n, [p["fitness"] for p in cv], marker="o", ms=3, label=m)
+    for m, seed, n, loss in _pass_losses(runs, s, skip=curves):
+      a2.plot(n, loss, marker="s", ms=4, ls="--", label=f"{m}, seed {seed}: after each pass")
+    a2.legend(fontsize=8)
     a1.set(xlabel="candidates evaluated", ylabel=f"top-1 (%), first {curve_images:,} test images",
            title=f"{s}: test top-1")
     a2.set(xlabel="candidates evaluated", ylabel="infoNCE calibration loss",

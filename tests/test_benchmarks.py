@@ -218,3 +218,19 @@ def test_save_keeps_the_runs_another_process_wrote(tmp_path, monkeypatch):
   accuracy._save({"budget": {"passes": 2}, "runs": [run("d", 0)]}, "g")
   assert keys(accuracy._save({"budget": budget, "runs": [run("a", 0)]}, "g", merge=True)) == \
       [("a", 0)]
+
+
+def test_pass_losses_place_each_pass_at_its_evaluations(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+
+  def run(method, setting, fits, cands=624, curve=None):
+    return {"method": method, "setting": setting, "seed": 0, "candidates_evaluated": cands,
+            "extra": {"holdout": [{"pass": i, "fitness": f} for i, f in enumerate(fits)],
+                      **({"curve": curve} if curve else {})}}
+  runs = [run("snes-eq", "W4A4", [3.0, 2.0, 1.5, 1.2]), run("snes-eq", "W4A8", [3.0, 2.5]),
+          run("evolq-infonce", "W4A4", [3.0] * 11, 640), run("init-reference", "W4A4", [])]
+  # the start, then every 208 of the 624 evaluations; other settings, curved
+  # methods and runs without passes are left out
+  assert accuracy._pass_losses(runs, "W4A4", skip={"evolq-infonce"}) == [
+      ("snes-eq", 0, [0.0, 208.0, 416.0, 624.0], [3.0, 2.0, 1.5, 1.2])]
