@@ -224,10 +224,9 @@ def test_pass_losses_place_each_pass_at_its_evaluations(monkeypatch):
   monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import accuracy
 
-  def run(method, setting, fits, cands=624, curve=None):
+  def run(method, setting, fits, cands=624):
     return {"method": method, "setting": setting, "seed": 0, "candidates_evaluated": cands,
-            "extra": {"holdout": [{"pass": i, "fitness": f} for i, f in enumerate(fits)],
-                      **({"curve": curve} if curve else {})}}
+            "extra": {"holdout": [{"pass": i, "fitness": f} for i, f in enumerate(fits)]}}
   runs = [run("snes-eq", "W4A4", [3.0, 2.0, 1.5, 1.2]), run("snes-eq", "W4A8", [3.0, 2.5]),
           run("evolq-infonce", "W4A4", [3.0] * 11, 640), run("init-reference", "W4A4", [])]
   # the start, then every 208 of the 624 evaluations; other settings, curved
