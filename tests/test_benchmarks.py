@@ -233,3 +233,34 @@ def test_pass_losses_place_each_pass_at_its_evaluations(monkeypatch):
   # methods and runs without passes are left out
   assert accuracy._pass_losses(runs, "W4A4", skip={"evolq-infonce"}) == [
       ("snes-eq", 0, [0.0, 208.0, 416.0, 624.0], [3.0, 2.0, 1.5, 1.2])]
+
+
+def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_path):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import pick_study
+
+  def run(kept, holdout, kept_top1, last_top1):
+    return {"setting": "W4A8", "method": "evolq-infonce", "seed": 0, "test_top1": kept_top1,
+            "extra": {"selected_pass": kept, "last_pass_test_top1": last_top1,
+                      "holdout": [{"pass": p, "holdout_top1": t} for p, t in enumerate(holdout)]}}
+  runs = [run(1, [50, 64, 60, 64], 64.8, 71.6),   # tie 1-3: the tie rule keeps the last
+          run(2, [50, 60, 70, 65], 80.0, 78.0),   # the pick gained
+          run(0, [50, 40, 45, 50], 70.0, 70.0),   # init kept: a tie with it moves nothing
+          run(1, [50, 60, 60, 55], 75.0, 74.0),   # tie 1-2, not the last: test top-1 unknown
+          {"setting": "W4A8", "method": "init-reference", "seed": None, "test_top1": 1.0}]
+  rows = [c for c in map(pick_study.compare, runs) if c]
+  assert [r["tie_pass"] for r in rows] == [3, 2, 0, 2]
+  assert [r["tie_top1"] for r in rows] == [71.6, 80.0, 70.0, None]
+  t = pick_study.tally(rows)
+  assert (t["runs"], t["last_higher"], t["last_lower"], t["same"]) == (4, 1, 2, 1)
+  assert t["mean_last_minus_kept"] == pytest.approx((6.8 - 2.0 + 0.0 - 1.0) / 4)
+  assert t["sign_test_p"] == pytest.approx(7 / 8)  # P(>= 1 of 3 go the last pass's way)
+  assert (t["tie_rule_moves"], t["tie_rule_known"]) == (2, 1)
+  assert t["tie_rule_mean_gain"] == pytest.approx(6.8)
+  (tmp_path / "g.json").write_text(json.dumps({"runs": runs}))
+  monkeypatch.setattr(pick_study, "write_results", lambda name, payload, md: out.update(payload))
+  out = {}
+  pick_study.main([str(tmp_path / "g.json")])
+  assert out["grids"]["g"] == t and out["grids"]["all"] == t
+  with pytest.raises(SystemExit, match="no grid at"):
+    pick_study.main([str(tmp_path / "missing.json")])

@@ -1,0 +1,101 @@
+"""Does the held-out pick keep a better pass than the search's last one?
+
+  python benchmarks/pick_study.py [GRID.json ...]
+  ->  benchmarks/results/pick_study.{json,md}
+
+Reads the accuracy grids' committed records (no search is run): every search
+record carries its held-out top-1 per pass, the pass the pick kept with its
+test top-1, and the test top-1 of the last pass. Per grid it counts the runs
+where keeping the last pass instead would have scored higher or lower on the
+test images, with a one-sided sign test over the runs that differ. It also
+says what breaking held-out ties by the calibration loss would change: among
+tied passes the later one has the lower loss (a search never keeps a worse
+one), so the rule moves a tie to its latest pass, whose test top-1 the record
+has only when that pass is the last.
+
+The runs of one grid share a model and data, so they are not independent
+samples: the sign test says how lopsided the counts are, not how general.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from common import git_commit, write_results
+
+from evolq_jax.search.selection import sign_test
+
+# the committed grids (read from the repo even when EVOLQ_RESULTS redirects the output)
+COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+GRIDS = ("accuracy.json", "accuracy_cifar10.json", "efficientnet_lite0.json")
+
+
+def compare(run: dict) -> dict | None:
+  """One search record -> kept against last pass, or None if it has no held-out pick."""
+  extra = run.get("extra") or {}
+  records, last = extra.get("holdout"), extra.get("last_pass_test_top1")
+  if not records or last is None:
+    return None
+  kept = extra["selected_pass"]
+  top = {r["pass"]: r["holdout_top1"] for r in records}
+  # the grids pick with no sign test (--holdout-alpha 1): the kept pass has the best
+  # held-out top-1 of all passes, and its ties are the passes level with it
+  tied = [p for p, t in top.items() if kept > 0 and t == top[kept]]
+  tie_pass = max(tied, default=kept)  # ties -> the lowest calibration loss: the latest
+  n_passes = max(top)
+  return {"setting": run["setting"], "method": run["method"], "seed": run["seed"],
+          "kept_pass": kept, "passes": n_passes, "kept_top1": run["test_top1"],
+          "last_top1": last, "tie_pass": tie_pass,
+          "tie_top1": (run["test_top1"] if tie_pass == kept
+                       else last if tie_pass == n_passes else None)}
+
+
+def tally(rows: list) -> dict:
+  diffs = [r["last_top1"] - r["kept_top1"] for r in rows]
+  higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+  moved = [r for r in rows if r["tie_pass"] != r["kept_pass"]]
+  known = [r["tie_top1"] - r["kept_top1"] for r in moved if r["tie_top1"] is not None]
+  return {"runs": len(rows), "last_higher": higher, "last_lower": lower,
+          "same": len(rows) - higher - lower,
+          "mean_last_minus_kept": sum(diffs) / len(diffs) if diffs else 0.0,
+          "sign_test_p": sign_test(higher, lower),
+          "tie_rule_moves": len(moved), "tie_rule_known": len(known),
+          "tie_rule_mean_gain": sum(known) / len(known) if known else None}
+
+
+def markdown(per_grid: dict) -> str:
+  lines = ["| grid | searches | last pass higher | lower | same | mean last - kept (points) "
+           "| sign test p | ties by calib loss: moved (test known) | their mean gain |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, t in per_grid.items():
+    gain = "" if t["tie_rule_mean_gain"] is None else f"{t['tie_rule_mean_gain']:+.2f}"
+    lines.append(f"| {name} | {t['runs']} | {t['last_higher']} | {t['last_lower']} | "
+                 f"{t['same']} | {t['mean_last_minus_kept']:+.2f} | {t['sign_test_p']:.3g} | "
+                 f"{t['tie_rule_moves']} ({t['tie_rule_known']}) | {gain} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("grids", nargs="*", default=[os.path.join(COMMITTED, g) for g in GRIDS],
+                  help="accuracy-grid JSON files (default: the committed grids)")
+  args = ap.parse_args(argv)
+  per_grid, rows_all = {}, {}
+  for path in args.grids:
+    if not os.path.exists(path):
+      sys.exit(f"pick_study: no grid at {path!r}; give the JSON files benchmarks/accuracy.py "
+               f"wrote (benchmarks/results/*.json).")
+    with open(path) as f:
+      runs = json.load(f).get("runs", [])
+    rows = [c for c in map(compare, runs) if c]
+    name = os.path.splitext(os.path.basename(path))[0]
+    per_grid[name], rows_all[name] = tally(rows), rows
+  per_grid["all"] = tally([r for rows in rows_all.values() for r in rows])
+  write_results("pick_study", {"git_commit": git_commit(), "grids": per_grid, "runs": rows_all},
+                markdown(per_grid))
+
+
+if __name__ == "__main__":
+  main()
