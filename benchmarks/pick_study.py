@@ -67,16 +67,14 @@ def tally(rows: list) -> dict:
 
 def markdown(per_grid: dict) -> str:
   lines = ["Test top-1 of the pass the held-out pick kept (the best held-out pass, ties to the "
-           "earliest) against the search's last pass, from the grids' records (accuracy: "
-           "Fashion-MNIST fixture, 2,000 held-out images; accuracy_cifar10: 2,000; "
-           "efficientnet_lite0: 100). Sign test: one-sided, over the searches where the two "
-           "differ.", "",
-           "| grid | searches | last pass higher | lower | same | mean last - kept (points) "
+           "earliest) against the search's last pass, from the grids' records. Sign test: "
+           "one-sided, over the searches where the two differ.", "",
+           "| grid | held-out images | searches | last pass higher | lower | same | mean last - kept (points) "
            "| sign test p | ties by calib loss: moved (test known) | their mean gain |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for name, t in per_grid.items():
     gain = "" if t["tie_rule_mean_gain"] is None else f"{t['tie_rule_mean_gain']:+.2f}"
-    lines.append(f"| {name} | {t['runs']} | {t['last_higher']} | {t['last_lower']} | "
+    lines.append(f"| {name} | {t.get('holdout_images', '')} | {t['runs']} | {t['last_higher']} | {t['last_lower']} | "
                  f"{t['same']} | {t['mean_last_minus_kept']:+.2f} | {t['sign_test_p']:.3g} | "
                  f"{t['tie_rule_moves']} ({t['tie_rule_known']}) | {gain} |")
   return "\n".join(lines) + "\n"
@@ -93,10 +91,11 @@ def main(argv=None):
       sys.exit(f"pick_study: no grid at {path!r}; give the JSON files benchmarks/accuracy.py "
                f"wrote (benchmarks/results/*.json).")
     with open(path) as f:
-      runs = json.load(f).get("runs", [])
-    rows = [c for c in map(compare, runs) if c]
+      grid = json.load(f)
+    rows = [c for c in map(compare, grid.get("runs", [])) if c]
     name = os.path.splitext(os.path.basename(path))[0]
-    per_grid[name], rows_all[name] = tally(rows), rows
+    per_grid[name] = {"holdout_images": grid.get("holdout_images"), **tally(rows)}
+    rows_all[name] = rows
   per_grid["all"] = tally([r for rows in rows_all.values() for r in rows])
   write_results("pick_study", {"git_commit": git_commit(), "grids": per_grid, "runs": rows_all},
                 markdown(per_grid))

@@ -257,10 +257,10 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   assert t["sign_test_p"] == pytest.approx(7 / 8)  # P(>= 1 of 3 go the last pass's way)
   assert (t["tie_rule_moves"], t["tie_rule_known"]) == (2, 1)
   assert t["tie_rule_mean_gain"] == pytest.approx(6.8)
-  (tmp_path / "g.json").write_text(json.dumps({"runs": runs}))
+  (tmp_path / "g.json").write_text(json.dumps({"runs": runs, "holdout_images": 100}))
   monkeypatch.setattr(pick_study, "write_results", lambda name, payload, md: out.update(payload))
   out = {}
   pick_study.main([str(tmp_path / "g.json")])
-  assert out["grids"]["g"] == t and out["grids"]["all"] == t
+  assert out["grids"]["g"] == {"holdout_images": 100, **t} and out["grids"]["all"] == t
   with pytest.raises(SystemExit, match="no grid at"):
     pick_study.main([str(tmp_path / "missing.json")])
