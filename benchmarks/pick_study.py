@@ -42,8 +42,8 @@ def compare(run: dict) -> dict | None:
   top = {r["pass"]: r["holdout_top1"] for r in records}
   # the grids pick with no sign test (--holdout-alpha 1): the kept pass has the best
   # held-out top-1 of all passes, and its ties are the passes level with it
-  tied = [p for p, t in top.items() if kept > 0 and t == top[kept]]
-  tie_pass = max(tied, default=kept)  # ties -> the lowest calibration loss: the latest
+  # ties -> the lowest calibration loss: the latest; a kept init (0) has beaten no pass
+  tie_pass = max(p for p, t in top.items() if t == top[kept]) if kept else 0
   n_passes = max(top)
   return {"setting": run["setting"], "method": run["method"], "seed": run["seed"],
           "kept_pass": kept, "passes": n_passes, "kept_top1": run["test_top1"],
@@ -69,13 +69,15 @@ def markdown(per_grid: dict) -> str:
   lines = ["Test top-1 of the pass the held-out pick kept (the best held-out pass, ties to the "
            "earliest) against the search's last pass, from the grids' records. Sign test: "
            "one-sided, over the searches where the two differ.", "",
-           "| grid | held-out images | searches | last pass higher | lower | same | mean last - kept (points) "
-           "| sign test p | ties by calib loss: moved (test known) | their mean gain |",
+           "| grid | held-out images | searches | last pass higher | lower | same "
+           "| mean last - kept (points) | sign test p "
+           "| ties by calib loss: moved (test known) | their mean gain |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for name, t in per_grid.items():
     gain = "" if t["tie_rule_mean_gain"] is None else f"{t['tie_rule_mean_gain']:+.2f}"
-    lines.append(f"| {name} | {t.get('holdout_images', '')} | {t['runs']} | {t['last_higher']} | {t['last_lower']} | "
-                 f"{t['same']} | {t['mean_last_minus_kept']:+.2f} | {t['sign_test_p']:.3g} | "
+    lines.append(f"| {name} | {t.get('holdout_images', '')} | {t['runs']} | "
+                 f"{t['last_higher']} | {t['last_lower']} | {t['same']} | "
+                 f"{t['mean_last_minus_kept']:+.2f} | {t['sign_test_p']:.3g} | "
                  f"{t['tie_rule_moves']} ({t['tie_rule_known']}) | {gain} |")
   return "\n".join(lines) + "\n"
 

@@ -258,8 +258,8 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   assert (t["tie_rule_moves"], t["tie_rule_known"]) == (2, 1)
   assert t["tie_rule_mean_gain"] == pytest.approx(6.8)
   (tmp_path / "g.json").write_text(json.dumps({"runs": runs, "holdout_images": 100}))
-  monkeypatch.setattr(pick_study, "write_results", lambda name, payload, md: out.update(payload))
   out = {}
+  monkeypatch.setattr(pick_study, "write_results", lambda name, payload, md: out.update(payload))
   pick_study.main([str(tmp_path / "g.json")])
   assert out["grids"]["g"] == {"holdout_images": 100, **t} and out["grids"]["all"] == t
   with pytest.raises(SystemExit, match="no grid at"):
