@@ -8,10 +8,10 @@ record carries its held-out top-1 per pass, the pass the pick kept with its
 test top-1, and the test top-1 of the last pass. Per grid it counts the runs
 where keeping the last pass instead would have scored higher or lower on the
 test images, with a one-sided sign test over the runs that differ. It also
-says what breaking held-out ties by the calibration loss would change: among
-tied passes the later one has the lower loss (a search never keeps a worse
-one), so the rule moves a tie to its latest pass, whose test top-1 the record
-has only when that pass is the last.
+says what breaking held-out ties by the calibration loss would change: the rule
+moves a tie to its pass with the lowest recorded loss (usually the latest, but
+the loss is scored in float32 and can rise by a hair), whose test top-1 the
+record has only when that pass is the last.
 
 The runs of one grid share a model and data, so they are not independent
 samples: the sign test says how lopsided the counts are, not how general.
@@ -40,10 +40,13 @@ def compare(run: dict) -> dict | None:
     return None
   kept = extra["selected_pass"]
   top = {r["pass"]: r["holdout_top1"] for r in records}
+  loss = {r["pass"]: r["fitness"] for r in records}
   # the grids pick with no sign test (--holdout-alpha 1): the kept pass has the best
   # held-out top-1 of all passes, and its ties are the passes level with it
-  # ties -> the lowest calibration loss: the latest; a kept init (0) has beaten no pass
-  tie_pass = max(p for p, t in top.items() if t == top[kept]) if kept else 0
+  # ties -> the lowest calibration loss (equal losses: the latest); a kept init (0)
+  # has beaten no pass
+  tie_pass = (min((p for p, t in top.items() if t == top[kept]), key=lambda p: (loss[p], -p))
+              if kept else 0)
   n_passes = max(top)
   return {"setting": run["setting"], "method": run["method"], "seed": run["seed"],
           "kept_pass": kept, "passes": n_passes, "kept_top1": run["test_top1"],

@@ -239,10 +239,11 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import pick_study
 
-  def run(kept, holdout, kept_top1, last_top1):
+  def run(kept, holdout, kept_top1, last_top1, loss=(4.0, 3.0, 2.0, 1.0)):
     return {"setting": "W4A8", "method": "evolq-infonce", "seed": 0, "test_top1": kept_top1,
             "extra": {"selected_pass": kept, "last_pass_test_top1": last_top1,
-                      "holdout": [{"pass": p, "holdout_top1": t} for p, t in enumerate(holdout)]}}
+                      "holdout": [{"pass": p, "holdout_top1": t, "fitness": f}
+                                  for p, t, f in zip(range(len(holdout)), holdout, loss)]}}
   runs = [run(1, [50, 64, 60, 64], 64.8, 71.6),   # tie 1-3: the tie rule keeps the last
           run(2, [50, 60, 70, 65], 80.0, 78.0),   # the pick gained
           run(0, [50, 40, 45, 50], 70.0, 70.0),   # init kept: a tie with it moves nothing
@@ -251,6 +252,11 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   rows = [c for c in map(pick_study.compare, runs) if c]
   assert [r["tie_pass"] for r in rows] == [3, 2, 0, 2]
   assert [r["tie_top1"] for r in rows] == [71.6, 80.0, 70.0, None]
+  # the tie goes by the recorded loss, not by lateness: a later pass scored a hair higher
+  assert pick_study.compare(run(1, [50, 64, 60, 64], 64.8, 71.6,
+                                (4.0, 2.0, 2.0, 2.0001)))["tie_pass"] == 1
+  assert pick_study.compare(run(1, [50, 64, 64, 60], 64.8, 71.6,
+                                (4.0, 2.0, 2.0, 1.0)))["tie_pass"] == 2  # equal: the latest
   t = pick_study.tally(rows)
   assert (t["runs"], t["last_higher"], t["last_lower"], t["same"]) == (4, 1, 2, 1)
   assert t["mean_last_minus_kept"] == pytest.approx((6.8 - 2.0 + 0.0 - 1.0) / 4)
