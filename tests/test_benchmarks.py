@@ -243,7 +243,7 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
     return {"setting": "W4A8", "method": "evolq-infonce", "seed": 0, "test_top1": kept_top1,
             "extra": {"selected_pass": kept, "last_pass_test_top1": last_top1,
                       "holdout": [{"pass": p, "holdout_top1": t, "fitness": f}
-                                  for p, t, f in zip(range(len(holdout)), holdout, loss)]}}
+                                  for p, (t, f) in enumerate(zip(holdout, loss))]}}
   runs = [run(1, [50, 64, 60, 64], 64.8, 71.6),   # tie 1-3: the tie rule keeps the last
           run(2, [50, 60, 70, 65], 80.0, 78.0),   # the pick gained
           run(0, [50, 40, 45, 50], 70.0, 70.0),   # init kept: a tie with it moves nothing
