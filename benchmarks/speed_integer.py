@@ -19,8 +19,7 @@ from jax import lax
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig
 from evolq_jax.export import build_export
-from evolq_jax.integer import forward_for, runtime
-from evolq_jax.integer.kernels import pixels_from_images
+from evolq_jax.integer import int_forward
 from evolq_jax.models import fp_logits, model_for, quantize_params
 
 INT_QCFG = QuantConfig(w_bits=8, a_bits=8, a_observer="minmax")
@@ -70,18 +69,17 @@ def run_integer_modes(cfg, params, n_images, batch, reps, log, qcfg=INT_QCFG) ->
   n_cal = min(64, n_images)
   qparams = calibrate(cfg, qcfg, params, images[:n_cal], batch_size=n_cal, progress=False)
   export = build_export(cfg, qcfg, params, qparams)
-  rt, int_fwd = runtime(export), jax.jit(forward_for(export))
-  pixels = np.asarray(pixels_from_images(jnp.asarray(images), rt["input"]))
+  int_fwd = jax.jit(int_forward(export, batch)[0])
   fq_params = quantize_params(qcfg, params, qparams)
   quant = model_for(cfg, "quant", qcfg)
   fp = jax.jit(lambda p, x: fp_logits(cfg, p, x))
   fq = jax.jit(lambda p, a, x: quant.apply({"params": p}, x, a))
   split = lambda a: [jnp.asarray(a[i:i + batch]) for i in range(0, n_images, batch)]  # noqa: E731
-  xs, ps = split(images), split(pixels)
+  xs = split(images)
   out = {"setting": qcfg.name, "batch": batch,
          "fp32": images_per_second(lambda x: fp(params, x), xs, reps),
          "fake_quant": images_per_second(lambda x: fq(fq_params, qparams.acts, x), xs, reps),
-         "integer": images_per_second(lambda x: int_fwd(rt, x), ps, reps)}
+         "integer": images_per_second(int_fwd, xs, reps)}
   ips = {k: out[k]["images_per_second"] for k in ("fp32", "fake_quant", "integer")}
   out["int8_vs_fp32"] = ips["integer"] / ips["fp32"]
   out["int8_vs_fake_quant"] = ips["integer"] / ips["fake_quant"]

@@ -123,8 +123,8 @@ def cmd_landscape(args):
 
 def cmd_export(args):
   from evolq_jax.deploy import export_run
-  paths = export_run(args.workdir, args.out, artifact=not args.no_artifact)
-  print(f"integer export of {args.workdir}:")
+  paths = export_run(args.workdir, args.out, artifact=not args.no_artifact, fmt=args.format)
+  print(f"{'ONNX' if args.format == 'onnx' else 'integer'} export of {args.workdir}:")
   for path in paths.values():
     print(f"  {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)")
 
@@ -182,10 +182,14 @@ def build_parser():
                  help="test images for the top-1 (0: no accuracy)")
   s.add_argument("--seed", type=int, default=None,
                  help="seed of the random direction(s) (default: the config's seed)")
-  s = add("export", _locked(cmd_export), "a finished run -> integer model (.safetensors + .json manifest) "
-          "and its jax.export artifact (.stablehlo)", config=False)
+  s = add("export", _locked(cmd_export), "a finished run -> integer model (.safetensors + .json "
+          "manifest) and its jax.export artifact (.stablehlo), or QDQ ONNX (--format onnx)",
+          config=False)
+  s.add_argument("--format", default="int", choices=("int", "onnx"),
+                 help="int: integer model + jax.export artifact; onnx: QDQ ONNX for ONNX "
+                 "Runtime / TensorRT (needs: pip install onnx onnxruntime)")
   s.add_argument("--out", default=None,
-                 help="FILE.safetensors (default WORKDIR/model_int.safetensors)")
+                 help="output file (default WORKDIR/model_int.safetensors, or WORKDIR/model.onnx)")
   s.add_argument("--no-artifact", action="store_true", help="skip the .stablehlo artifact")
   return p
 
@@ -204,7 +208,7 @@ def main(argv=None):
         f"evolq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
     try:
       args.fn(args)
-    except (ValueError, OSError) as e:  # bad input: its message is the whole story
+    except (ValueError, OSError, ImportError) as e:  # bad input: its message is the whole story
       print(f"evolq {args.command}: error: {_one_line(e)}", file=sys.stderr)
       return 2
     except KeyboardInterrupt:

@@ -3,8 +3,10 @@
   WORKDIR/summary.json (+ run.json)  -> model preset, QuantConfig, checkpoint
   WORKDIR/qparams.safetensors        -> the run's final QParams (runs write it);
     older search runs: their newest orbax checkpoint (the held-out pick if any)
-  -> OUT.safetensors (integer model + manifest), OUT.json (the manifest),
-     OUT.stablehlo (the integer forward, jax.export).
+  -> format "int": OUT.safetensors (integer model + manifest), OUT.json (the
+     manifest), OUT.stablehlo (the integer forward, jax.export);
+     format "onnx": OUT (default WORKDIR/model.onnx), QDQ ONNX for ONNX Runtime
+     (and TensorRT), built from the same integer model.
 """
 from __future__ import annotations
 
@@ -18,11 +20,14 @@ import orbax.checkpoint as ocp
 
 from evolq_jax.export import build_export, save_export
 from evolq_jax.integer.artifact import ARTIFACT_SUFFIX, save_artifact
+from evolq_jax.integer.to_onnx import export_onnx, require_onnx, save_onnx
 from evolq_jax.pipeline import load_model
 from evolq_jax.qparams import QPARAMS_FILE, QParams, load_qparams
 from evolq_jax.quant.recipe import QuantConfig
 
 DEFAULT_NAME = "model_int.safetensors"
+ONNX_NAME = "model.onnx"
+FORMATS = ("int", "onnx")
 
 
 def _read_json(path: str):
@@ -73,8 +78,26 @@ def run_qparams(workdir: str, summary: dict) -> QParams:
       "rerun it with this version of evolq (runs now write their final QParams there).")
 
 
-def export_run(workdir: str, out: str | None = None, artifact: bool = True) -> dict:
-  """Export a finished run. -> {"export", "manifest"[, "artifact"]: paths}."""
+def _check_out(out: str):
+  """One clear line for an output path that cannot be written, before any work."""
+  if os.path.isdir(out):
+    raise IsADirectoryError(f"--out {out!r} is a directory: give a file path, e.g. "
+                            f"{os.path.join(out, ONNX_NAME)!r}.")
+  parent = os.path.dirname(os.path.abspath(out))
+  if os.path.isdir(parent) and not os.access(parent, os.W_OK):
+    raise PermissionError(f"--out {out!r}: the folder {parent!r} is not writable; pick another.")
+
+
+def export_run(workdir: str, out: str | None = None, artifact: bool = True,
+               fmt: str = "int") -> dict:
+  """Export a finished run. -> {"export", "manifest"[, "artifact"]} paths (format "int") or
+  {"onnx": path} (format "onnx")."""
+  if fmt not in FORMATS:
+    raise ValueError(f"--format {fmt!r} is unknown: expected one of {FORMATS}.")
+  if fmt == "onnx":
+    require_onnx()
+  if out is not None:
+    _check_out(out)
   rec = run_record(workdir)
   if rec["checkpoint"] == "random" and rec["seed"] is None:
     raise ValueError(f"{workdir!r} ran on random weights but records no seed: its weights "
@@ -87,6 +110,9 @@ def export_run(workdir: str, out: str | None = None, artifact: bool = True) -> d
             **{k: rec["summary"][k] for k in ("final_top1", "init_top1", "fp_top1", "code")
                if k in rec["summary"]}}
   export = build_export(cfg, qcfg, params, run_qparams(workdir, rec["summary"]), source)
+  if fmt == "onnx":
+    out = out or os.path.join(workdir, ONNX_NAME)
+    return {"onnx": save_onnx(out, export_onnx(export))}
   out = out or os.path.join(workdir, DEFAULT_NAME)
   paths = save_export(out, export)
   if artifact:

@@ -1,5 +1,8 @@
 """Integer export: a quantized model -> one `.safetensors` file whose header
-holds a JSON manifest (schema `evolq-int-model`, version 1); and its loader.
+holds a JSON manifest (schema `evolq-int-model`, version 2); and its loader.
+The integer model it describes runs in JAX (evolq_jax.integer) or as QDQ ONNX
+(evolq_jax.integer.to_onnx); both take float32 NHWC images normalized by the
+model's transform, as the fake-quant model does.
 
 What the file holds (flat keys; `<layer>` / `<point>` are '/'-joined param /
 quantization-point paths, e.g. `blocks_0/attn/qkv`, `blocks_0/attn/qkv_out`):
@@ -21,11 +24,9 @@ quantization-point paths, e.g. `blocks_0/attn/qkv`, `blocks_0/attn/qkv_out`):
                              scale * 2^exponent[c]; int32 zero point ().
   (log2 points hold no arrays: q = clip(round(-log2 p), 0, 2^bits - 1), p = 2^-q,
    0 past the grid; their bits are in the manifest.)
-  input/scale, zero_point    float32 (C,): the pixel grid, x = scale * (p - zero_point)
-                             for uint8 pixels p (the model's normalization).
   float/<path>               float32: LayerNorm scales/biases, class token,
-                             position embedding (kept in float, as in the
-                             fake-quant model).
+                             position embedding, attention biases (kept in
+                             float, as in the fake-quant model).
 
 Bias correction (FQ-ViT/Evol-Q's per-channel mean/std match) maps the fake-
 quantized weights w_hat to gain * w_hat + shift per output channel. The gain
@@ -37,6 +38,7 @@ points. Nothing moves the weights off the integer grid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -48,13 +50,13 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from evolq_jax.models.forward import act_rules
-from evolq_jax.models.registry import family_of, get_preset
+from evolq_jax.models.registry import FAMILIES, family_of, get_preset
 from evolq_jax.quant.bits import BitSpec
 from evolq_jax.quant.recipe import QuantConfig, rule_for
 from evolq_jax.quant.uniform import dequantize, quantize
 from evolq_jax.quant.weights import bias_correction_affine, kernel_paths
 
-SCHEMA, SCHEMA_VERSION = "evolq-int-model", 1
+SCHEMA, SCHEMA_VERSION = "evolq-int-model", 2  # 2: float normalized input, no pixel grid
 MANIFEST_KEY = "evolq_manifest"
 PACKED_BITS = 4  # codes of this many bits or fewer are packed two per byte
 
@@ -101,15 +103,23 @@ def _integral(x, what: str) -> np.ndarray:
 
 # --- one layer, one quantizer ------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _codes_and_affine(w, scale, zero_point, spec: BitSpec):
+  """One program per kernel shape (layers of one shape share it; eagerly, every op of
+  every layer would compile on its own)."""
+  q = quantize(w, scale, zero_point, spec)  # the fake-quant's codes, bit for bit
+  return q, bias_correction_affine(w, dequantize(q, scale, zero_point))
+
+
 def integer_layer(kernel, bias, scale, zero_point, spec: BitSpec, bias_correction: bool):
   """A kernel (..., out) and its QParams -> (arrays, manifest entry) of the export."""
   w = jnp.asarray(kernel, jnp.float32)
-  q = quantize(w, scale, zero_point, spec)  # the fake-quant's codes, bit for bit
+  q, (gain, shift) = _codes_and_affine(w, jnp.asarray(scale, jnp.float32),
+                                       jnp.asarray(zero_point, jnp.float32), spec)
   zp = _integral(zero_point, "a weight quantizer")
   arrays = {"codes": pack_codes(np.asarray(q - spec.qmin), spec.bits),
             "zero_point": (zp - spec.qmin).astype(np.int32)}
   if bias_correction:
-    gain, shift = bias_correction_affine(w, dequantize(q, scale, zero_point))
     arrays["scale"] = np.asarray(scale * gain, np.float32)
     arrays["input_sum_coef"] = np.asarray(shift, np.float32)
   else:
@@ -153,15 +163,6 @@ def integer_act(point: str, q: dict, quantizer: str, qcfg: QuantConfig):
   return arrays, {"quantizer": quantizer, "bits": qcfg.a_bits}
 
 
-def input_grid(cfg) -> dict:
-  """The pixel grid of the model's normalization (x/255 - mean)/std, per channel."""
-  t = cfg.transform
-  mean = np.broadcast_to(np.asarray(t["mean"], np.float64), (cfg.in_chans,))
-  std = np.broadcast_to(np.asarray(t["std"], np.float64), (cfg.in_chans,))
-  return {"scale": (1.0 / (255.0 * std)).astype(np.float32),
-          "zero_point": (255.0 * mean).astype(np.float32)}
-
-
 # --- the whole model -------------------------------------------------------------
 
 def build_export(cfg, qcfg: QuantConfig, params, qparams, source: dict | None = None) -> IntExport:
@@ -189,21 +190,32 @@ def build_export(cfg, qcfg: QuantConfig, params, qparams, source: dict | None = 
     point = "/".join(path)
     a, acts[point] = integer_act(point, q, rule_for(rules, point).quantizer, qcfg)
     arrays.update({f"acts/{point}/{k}": v for k, v in a.items()})
-  arrays.update({f"input/{k}": v for k, v in input_grid(cfg).items()})
   manifest = {
       "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
       "model": {"family": family_of(cfg).name, "preset": cfg.name,
                 "config": dataclasses.asdict(cfg)},
       "quant": dataclasses.asdict(qcfg),
-      "input": {"quantizer": "pixels", "bits": 8, "layout": "NHWC", "dtype": "uint8"},
+      "input": {"layout": "NHWC", "dtype": "float32", "preprocess": cfg.preprocess,
+                "normalize": {k: list(cfg.transform[k]) for k in ("mean", "std")}},
       "weights": layers, "acts": acts, "source": source or {}}
   return IntExport(manifest, arrays)
 
 
+def _tuples(v):
+  return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
 def model_configs(manifest: dict):
-  """The manifest's (model config, QuantConfig)."""
-  preset = get_preset(manifest["model"]["preset"])
-  cfg = dataclasses.replace(preset, **manifest["model"]["config"])
+  """The manifest's (model config, QuantConfig); a config derived from a preset (another
+  size, other classes) is rebuilt on its family's preset type."""
+  model = manifest["model"]
+  try:
+    preset = get_preset(model["preset"])
+  except ValueError:
+    if model.get("family") not in FAMILIES:
+      raise
+    preset = FAMILIES[model["family"]].presets[0]
+  cfg = dataclasses.replace(preset, **{k: _tuples(v) for k, v in model["config"].items()})
   return cfg, QuantConfig(**manifest["quant"])
 
 

@@ -86,3 +86,21 @@ def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+def tiny_config(family: str):
+  """A small random-weight preset of each registered family (shapes of the real
+  layout, sizes a test can run in seconds)."""
+  import dataclasses
+  from evolq_jax.models.registry import FAMILIES
+  base = FAMILIES[family].presets[0]
+  sizes = {
+      "vit": dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2),
+      "swin": dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1),
+                   num_heads=(2, 4)),
+      "levit": dict(img_size=64, embed_dim=(16, 24), key_dim=8, num_heads=(2, 3), depth=(1, 1)),
+      "efficientnet": dict(img_size=32, head=64, stages=((1, 3, 1, 1, 32, 16),
+                                                         (2, 3, 2, 6, 16, 24),
+                                                         (1, 5, 2, 6, 24, 40))),
+  }[family]
+  return dataclasses.replace(base, name=f"{family}_tiny_test", num_classes=10, **sizes)

@@ -1,6 +1,7 @@
 """Integer export: the file format (bit-exact round trip), the int8 kernels
-(exact), the integer ViT against the fake-quant model, the jax.export artifact
-in a process without evolq_jax, and `evolq export` on a search run."""
+(exact), the integer ViT ("int" mode, walked on integer kernels) against the
+fake-quant model, the jax.export artifact in a process without evolq_jax, and
+`evolq export` (integer and ONNX) on a search run."""
 import dataclasses
 import json
 import os
@@ -17,9 +18,8 @@ from evolq_jax.cli import main
 from evolq_jax.config import bits_config, quant_config
 from evolq_jax.export import (SCHEMA_VERSION, build_export, load_export, pack_codes,
                               ptf_exponents, save_export, unpack_codes)
-from evolq_jax.integer import int_logits, int_matmul
+from evolq_jax.integer import int_conv, int_dot, int_forward, int_logits
 from evolq_jax.integer.artifact import load_artifact, save_artifact
-from evolq_jax.integer.kernels import IntLinear, pixel_linear
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.qparams import QPARAMS_FILE, QParams
 from evolq_jax.quant.bits import BitSpec
@@ -137,32 +137,40 @@ def test_int8_matmul_is_exact():
   a = rng.integers(-128, 128, (2, 3, 7, 40)).astype(np.int8)
   w = rng.integers(-128, 128, (40, 6)).astype(np.int8)
   a_off, w_off = np.int32(101), rng.integers(-200, 200, 6).astype(np.int32)
-  acc, a_sum = int_matmul(jnp.asarray(a), jnp.asarray(w), a_off, jnp.asarray(w_off))
+  dense = (((3,), (0,)), ((), ()))
+  acc, a_sum = int_dot(jnp.asarray(a), a_off, jnp.asarray(w), jnp.asarray(w_off), dense)
   a64, w64 = a.astype(np.int64) + a_off, w.astype(np.int64) + w_off
   assert acc.dtype == jnp.int32 and np.array_equal(acc, a64 @ w64)
   assert np.array_equal(a_sum[..., 0], a64.sum(-1))
   b = rng.integers(-128, 128, (2, 3, 40, 9)).astype(np.int8)  # batched: attention
-  acc, _ = int_matmul(jnp.asarray(a), jnp.asarray(b), a_off, np.int32(-7))
+  batched = (((3,), (2,)), ((0, 1), (0, 1)))
+  acc, _ = int_dot(jnp.asarray(a), a_off, jnp.asarray(b), np.int32(-7), batched)
   assert np.array_equal(acc, a64 @ (b.astype(np.int64) - 7))
 
 
-def test_pixel_layer_equals_float_on_normalized_pixels():
-  """Per-channel pixel scales and non-integer zero points, with bias correction's term."""
-  rng = np.random.default_rng(1)
-  pixels = rng.integers(0, 256, (4, 10, 16, 3)).astype(np.uint8)
-  w8 = rng.integers(-128, 128, (16, 3, 5)).astype(np.int8)
-  layer = IntLinear(w=jnp.asarray(w8), w_offset=jnp.asarray(rng.integers(-20, 20, 5), jnp.int32),
-                    scale=jnp.asarray(rng.uniform(0.01, 0.02, 5), jnp.float32),
-                    bias=jnp.asarray(rng.normal(size=5), jnp.float32),
-                    sum_coef=jnp.asarray(rng.normal(size=5) * 1e-3, jnp.float32))
-  grid = {"scale": jnp.asarray([0.017, 0.018, 0.016], jnp.float32),
-          "zero_point": jnp.asarray([123.7, 116.3, 103.5], jnp.float32)}
-  y = pixel_linear(jnp.asarray(pixels), grid, layer)
-  x = (pixels.astype(np.float64) - np.asarray(grid["zero_point"])) * np.asarray(grid["scale"])
-  w = (w8.astype(np.float64) + np.asarray(layer.w_offset)) * np.asarray(layer.scale) \
-      + np.asarray(layer.sum_coef)
-  want = np.einsum("bnkc,kco->bno", x, w) + np.asarray(layer.bias)
-  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("groups,stride,pad", [(1, 2, ((1, 1), (1, 1))), (5, 1, ((2, 2), (2, 2))),
+                                              (5, 2, ((1, 2), (1, 2)))])
+def test_int8_conv_is_exact(groups, stride, pad):
+  """Strided and depthwise convolutions with zero points on both sides; the padding holds
+  the code whose centered value is 0, as the float convolution pads with zeros."""
+  from jax import lax
+  rng = np.random.default_rng(groups + stride)
+  a = rng.integers(-128, 128, (2, 9, 9, 5)).astype(np.int8)
+  k = 5 if groups > 1 else 3
+  w = rng.integers(-128, 128, (k, k, 5 // groups, 5)).astype(np.int8)
+  a_off, w_off = np.int32(37), rng.integers(-60, 60, 5).astype(np.int32)
+  dn = lax.conv_dimension_numbers(a.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+  params = dict(window_strides=(stride, stride), padding=pad, lhs_dilation=(1, 1),
+                rhs_dilation=(1, 1), dimension_numbers=dn, feature_group_count=groups)
+  acc, win = int_conv(jnp.asarray(a), a_off, jnp.asarray(w), jnp.asarray(w_off), params)
+  want = lax.conv_general_dilated(
+      jnp.asarray(a, jnp.float32) + a_off, jnp.asarray(w, jnp.float32) + w_off, (stride, stride),
+      pad, dimension_numbers=dn, feature_group_count=groups)
+  assert acc.dtype == jnp.int32 and np.array_equal(acc, np.asarray(want).astype(np.int64))
+  ones = jnp.ones((k, k, 5 // groups, 5), jnp.float32)
+  sums = lax.conv_general_dilated(jnp.asarray(a, jnp.float32) + a_off, ones, (stride, stride), pad,
+                                  dimension_numbers=dn, feature_group_count=groups)
+  assert np.array_equal(win * np.ones(5, np.int32), np.asarray(sums).astype(np.int64))
 
 
 def test_ptf_exponents_and_clear_errors(fixture, tmp_path):
@@ -182,9 +190,20 @@ def test_ptf_exponents_and_clear_errors(fixture, tmp_path):
   path = save_export(str(tmp_path / "v99.safetensors"), export)["export"]
   with pytest.raises(ValueError, match="version 99: this evolq_jax reads"):
     load_export(path)
-  export.manifest["model"]["family"] = "swin"
-  with pytest.raises(ValueError, match="family 'swin' has no integer forward"):
-    int_logits(export, np.zeros((1, 28, 28, 1), np.float32))
+  export.manifest["schema_version"] = SCHEMA_VERSION
+  with pytest.raises(ValueError, match=r"do not fit the exported model: expected \(batch, 28, 28, 1\)"):
+    int_forward(export)[0](np.zeros((1, 32, 32, 1), np.float32))
+
+
+def test_integer_forward_covers_every_quantized_matmul(fixture):
+  """Every matmul whose input sits on a quantization grid runs on integers: all but the
+  patch embedding (its input is the normalized image, not quantized, as in FQ-ViT)."""
+  cfg, _, params, _, images = fixture
+  qcfg, qparams = _setting(fixture, w_bits=4, bias_correction=True)
+  fn, backend = int_forward(build_export(cfg, qcfg, params, qparams))
+  fn(images[:1])  # the walk counts as it goes
+  assert backend.counts == {"integer": 6 * 6 + 1, "float": 1}  # 6 per block + head; patches
+  assert [f[0] for f in backend.floats] == ["conv_general_dilated"]
 
 
 def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
@@ -192,9 +211,7 @@ def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
   qcfg, qparams = _setting(fixture, w_bits=4, bias_correction=True)
   export = build_export(cfg, qcfg, params, qparams)
   path = save_artifact(str(tmp_path / "m.stablehlo"), export)
-  grid = export.arrays
-  pixels = np.clip(np.round(images[:64] / grid["input/scale"] + grid["input/zero_point"]),
-                   0, 255).astype(np.uint8)
+  pixels = np.asarray(images[:64], np.float32)  # normalized images, as the model takes them
   np.save(tmp_path / "pixels.npy", pixels)
   code = ("import sys, numpy as np, jax\n"
           f"e = jax.export.deserialize(bytearray(open({path!r}, 'rb').read()))\n"
@@ -207,7 +224,7 @@ def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
   assert np.array_equal(out, np.asarray(load_artifact(path)(pixels)))  # same program, same bits
   il = int_logits(export, images[:64])  # jit with the weights as arguments: XLA may round apart
   assert np.mean(out.argmax(-1) == il.argmax(-1)) >= 0.98
-  assert np.max(np.abs(out - il)) <= 3.01 * float(grid["acts/head_out/scale"])
+  assert np.max(np.abs(out - il)) <= 3.01 * float(export.arrays["acts/head_out/scale"])
 
 
 def test_evolq_export_on_a_tiny_search_run(tmp_path, capsys):
@@ -239,3 +256,13 @@ def test_evolq_export_on_a_tiny_search_run(tmp_path, capsys):
   assert all(np.array_equal(again.arrays[k], v) for k, v in export.arrays.items())
   assert main(["export", "--workdir", str(tmp_path / "nothing")]) == 2
   assert "holds no summary.json" in capsys.readouterr().err
+  # ONNX: ONNX Runtime's top-1 is the fake-quant model's
+  ort = pytest.importorskip("onnxruntime")
+  assert main(["export", "--workdir", workdir, "--format", "onnx"]) == 0
+  path = os.path.join(workdir, "model.onnx")
+  assert path in capsys.readouterr().out
+  sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+  ol = sess.run(None, {"images": np.asarray(images, np.float32)})[0]
+  assert np.mean(fq.argmax(-1) == ol.argmax(-1)) >= 0.99
+  assert main(["export", "--workdir", workdir, "--format", "onnx", "--out", workdir]) == 2
+  assert "is a directory: give a file path" in capsys.readouterr().err

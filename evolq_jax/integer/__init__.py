@@ -1,5 +1,6 @@
-"""Integer inference: int8 kernels (kernels.py), the per-family integer forwards
-(vit.py), the runtime built from an export (runtime.py) and the portable
-jax.export artifact (artifact.py)."""
-from evolq_jax.integer.kernels import ActQ, IntLinear, int_matmul, linear, pixel_linear
-from evolq_jax.integer.runtime import FORWARDS, forward_for, int_logits, runtime
+"""Integer inference from the one model definition: the family's module in
+"int" mode (model.py) walked equation by equation (walk.py) either in JAX on
+integer kernels (interpret.py, runtime.py, the portable jax.export artifact
+in artifact.py) or into a QDQ ONNX graph (to_onnx.py)."""
+from evolq_jax.integer.interpret import int_conv, int_dot
+from evolq_jax.integer.runtime import int_forward, int_logits

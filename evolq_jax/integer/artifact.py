@@ -1,29 +1,28 @@
 """The portable artifact: the integer forward, weights included, serialized with
-`jax.export` (StableHLO). Running it needs jax and nothing of evolq_jax:
+`jax.export` (StableHLO). Running it needs jax, jaxlib and flatbuffers (which
+jax.export's serialization imports), and nothing of evolq_jax:
 
-  exported = jax.export.deserialize(open(PATH, "rb").read())
-  logits = exported.call(pixels)   # uint8 (B, H, W, C), any B -> float32 (B, classes)
+  exported = jax.export.deserialize(bytearray(open(PATH, "rb").read()))
+  logits = exported.call(images)   # float32 (B, H, W, C) normalized, any B -> (B, classes)
 """
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 
-from evolq_jax.export import IntExport, model_configs
-from evolq_jax.integer.runtime import forward_for, runtime
+from evolq_jax.export import IntExport
+from evolq_jax.integer.interpret import integer_forward
+from evolq_jax.integer.model import input_spec, int_model
 
 ARTIFACT_SUFFIX = ".stablehlo"
 
 
 def export_forward(export: IntExport, platforms=None):
-  """-> jax.export.Exported of pixels (symbolic batch) -> logits, weights as constants."""
-  cfg, _ = model_configs(export.manifest)
-  rt, fn = runtime(export), forward_for(export)
-  batch = jax.export.symbolic_shape("b")[0]
-  spec = jax.ShapeDtypeStruct((batch, cfg.img_size, cfg.img_size, cfg.in_chans), jnp.uint8)
-  return jax.export.export(jax.jit(lambda pixels: fn(rt, pixels)), platforms=platforms)(spec)
+  """-> jax.export.Exported of images (symbolic batch) -> logits, weights as constants."""
+  spec = input_spec(export, jax.export.symbolic_shape("b")[0])
+  fn, _ = integer_forward(jax.make_jaxpr(int_model(export))(spec))
+  return jax.export.export(jax.jit(fn), platforms=platforms)(spec)
 
 
 def save_artifact(path: str, export: IntExport, platforms=None) -> str:
@@ -36,7 +35,7 @@ def save_artifact(path: str, export: IntExport, platforms=None) -> str:
 
 
 def load_artifact(path: str):
-  """-> a function pixels -> logits (what a process without evolq_jax does)."""
+  """-> a function images -> logits (what a process without evolq_jax does)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"artifact {path!r} does not exist: write one with "
                             "`evolq export --workdir RUN`.")

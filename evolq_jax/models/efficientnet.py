@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from evolq_jax.models.fold import fold_bn_after
 from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
@@ -111,16 +112,25 @@ def depthwise_conv(x, kernel, stride: int):
 
 
 class DepthwiseConv(nn.Module):
-  """Params as nn.Conv(C, (k, k), feature_group_count=C): kernel (k, k, 1, C), bias (C,)."""
+  """Params as nn.Conv(C, (k, k), feature_group_count=C): kernel (k, k, 1, C), bias (C,).
+  `grouped`: run it as that grouped convolution (one op, which the integer
+  backends map to an integer depthwise kernel) instead of shifted sums."""
   kernel_size: int = 3
   stride: int = 1
+  grouped: bool = False
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, 1, c))
-    return depthwise_conv(x, kernel, self.stride) + self.param("bias", nn.initializers.zeros, (c,))
+    if self.grouped:
+      y = lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.stride,) * 2, "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=c)
+    else:
+      y = depthwise_conv(x, kernel, self.stride)
+    return y + self.param("bias", nn.initializers.zeros, (c,))
 
 
 class PointwiseConv(nn.Module):
@@ -144,7 +154,8 @@ class MBConv(QuantPoint):
     h = x
     if e != 1:
       h = self.qpoint("expand_out", _relu6(PointwiseConv(cin * e, name="expand")(h)), aq)
-    h = self.qpoint("dw_out", _relu6(DepthwiseConv(k, stride, name="dw")(h)), aq)
+    dw = DepthwiseConv(k, stride, grouped=self.mode == "int", name="dw")
+    h = self.qpoint("dw_out", _relu6(dw(h)), aq)
     h = PointwiseConv(cout, name="project")(h)
     if stride == 1 and cin == cout:
       h = h + x

@@ -30,11 +30,12 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 
+from evolq_jax.quant import markers
 from evolq_jax.quant.log2 import log2_fake_quant
 from evolq_jax.quant.recipe import QuantConfig, rule_for
 from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
 
-MODES = ("fp", "calib", "quant", "quant_ste")
+MODES = ("fp", "calib", "quant", "quant_ste", "int")
 # Per-preprocessing transforms (timm's defaults): crop fraction, interpolation, mean/std.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TRANSFORMS = {
@@ -116,6 +117,10 @@ def _keep_last(_, new):
 class QuantPoint(nn.Module):
   """Mixin: `self.qpoint(name, x, aq)` marks a quantization point.
 
+  Modes: "fp" passes x through, "calib" records it, "quant"/"quant_ste"
+  fake-quantize it, "int" fake-quantizes it through a named mark that the
+  integer backends (evolq_jax.integer) turn into integer codes.
+
   `rules` (the recipe's ActRules) pick the quantizer by the point's path;
   `aq` is this module's subtree of QParams.acts.
   """
@@ -126,6 +131,11 @@ class QuantPoint(nn.Module):
   def qpoint(self, name: str, x, aq):
     if self.mode == "calib":
       self.sow("stats", name, x, init_fn=lambda: None, reduce_fn=_keep_last)
+    elif self.mode == "int":  # the same values, through named marks (quant/markers.py)
+      rule = rule_for(self.rules, "/".join(self.path + (name,)))
+      if rule.quantizer == "log2":
+        return markers.act_log2(x, self.quant.prob_bits)
+      return markers.act_qdq(x, aq[name]["scale"], aq[name]["zero_point"], self.quant.a_bits)
     elif self.mode in ("quant", "quant_ste"):
       ste = self.mode == "quant_ste"
       rule = rule_for(self.rules, "/".join(self.path + (name,)))
@@ -147,7 +157,7 @@ class QuantPoint(nn.Module):
   def check_mode(self, aq):
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is unknown: expected one of {MODES}.")
-    if self.mode.startswith("quant") and (aq is None or self.quant is None):
+    if self.mode in ("quant", "quant_ste", "int") and (aq is None or self.quant is None):
       raise ValueError("mode='quant' needs activation qparams and a QuantConfig: "
                        "run evolq_jax.calibrate first.")
 

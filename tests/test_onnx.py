@@ -1,0 +1,118 @@
+"""QDQ ONNX export and the integer forward for every registered family, from the
+family's own module in "int" mode: onnx.checker, an ONNX Runtime session, logits
+against the fake-quant model, a symbolic batch, int8 weight initializers; and on
+the bundled fixture, ONNX Runtime's top-1 against the fake-quant model's."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny_config
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import bits_config, quant_config
+from evolq_jax.export import build_export
+from evolq_jax.integer import int_logits
+from evolq_jax.integer.to_onnx import export_onnx
+from evolq_jax.models import init_params
+from evolq_jax.models.registry import FAMILIES
+from evolq_jax.pipeline import load_data, load_model, predict
+from evolq_jax.qparams import QParams
+from evolq_jax.quant.recipe import QuantConfig, reference_init
+from evolq_jax.quant.weights import calibrate_weights
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _session(model):
+  return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("family,recipe", [(f, "reference W4A8") for f in sorted(FAMILIES)]
+                         + [("vit", "W3A8 log2 no-PTF")])
+def test_every_family_exports_and_runs(family, recipe):
+  cfg = tiny_config(family)
+  params = init_params(cfg, jax.random.key(0))
+  images = np.asarray(jax.random.normal(jax.random.key(1), (16, cfg.img_size, cfg.img_size,
+                                                            cfg.in_chans)))
+  qcfg = reference_init(QuantConfig(w_bits=4, a_bits=8))
+  if recipe != "reference W4A8":
+    qcfg = dataclasses.replace(qcfg, w_bits=3, log2_softmax=True, ptf=False)
+  qparams = calibrate(cfg, qcfg, params, images, 8, progress=False)
+  fq = predict(cfg, params, images, qcfg, qparams)
+  export = build_export(cfg, qcfg, params, qparams)
+  il = int_logits(export, images)
+  model = export_onnx(export)
+  onnx.checker.check_model(model, full_check=True)
+  sess = _session(model)
+  ol = sess.run(None, {"images": images})[0]
+  assert ol.shape == (16, 10)
+  np.testing.assert_allclose(sess.run(None, {"images": images[:3]})[0], ol[:3], atol=1e-5)
+  scale = float(np.max(np.abs(fq)))
+  for got in (il, ol):  # random weights calibrated on noise: small margins, coarse grids
+    assert np.max(np.abs(got - fq)) <= 0.1 * scale
+    assert np.mean(got.argmax(-1) == fq.argmax(-1)) >= 0.8
+  # weights are int8 initializers read by DequantizeLinear on their channel axis
+  inits = {i.name: i for i in model.graph.initializer}
+  dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+  assert len(dq) == len(export.manifest["weights"])
+  assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dq)
+  assert all(any(a.name == "axis" for a in n.attribute) for n in dq)
+  meta = {p.key: p.value for p in model.metadata_props}
+  assert meta["num_classes"] == "10" and "NHWC" in meta["input"]
+
+
+@pytest.fixture(scope="module")
+def fixture():
+  c = bits_config("W8A8", "vit_fixture_patch4_28", **{"calib.num_images": 100})
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  qcfg = dataclasses.replace(quant_config(c), bias_correction=True)
+  acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
+  return cfg, qcfg, params, acts, data["test"][0][:500]
+
+
+@pytest.mark.parametrize("w_bits", [8, 4, 3])
+def test_onnx_runtime_top1_matches_fake_quant_on_the_fixture(fixture, w_bits):
+  """500 test images here; benchmarks/deploy.py checks all 10,000."""
+  cfg, qcfg, params, acts, images = fixture
+  qcfg = dataclasses.replace(qcfg, w_bits=w_bits)
+  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
+  fq = predict(cfg, params, images, qcfg, qparams)
+  model = export_onnx(build_export(cfg, qcfg, params, qparams))
+  ol = _session(model).run(None, {"images": np.asarray(images, np.float32)})[0]
+  assert np.mean(fq.argmax(-1) == ol.argmax(-1)) >= 0.996
+  if w_bits < 8:  # 8-bit asymmetric weights need uint8 with zero points, the slow path
+    types = {i.data_type for i in model.graph.initializer if i.name.startswith("w_q")}
+    assert types == {onnx.TensorProto.INT8}
+
+
+def test_onnx_runtime_fuses_integer_kernels(fixture, tmp_path):
+  """ONNX Runtime's optimizer turns the QDQ matmuls into integer kernels."""
+  cfg, qcfg, params, acts, images = fixture
+  qcfg = dataclasses.replace(qcfg, w_bits=4)
+  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
+  model = export_onnx(build_export(cfg, qcfg, params, qparams))
+  opts = ort.SessionOptions()
+  opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+  ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+  ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+  integer = [o for o in ops if o in ("QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv",
+                                     "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
+                                     "QGemm")]
+  assert len(integer) >= 6 * 4 + 1, sorted(set(ops))  # qkv, proj, fc1, fc2 per block, head
+
+
+def test_onnx_export_without_onnx_says_what_to_install(monkeypatch):
+  import builtins
+  real = builtins.__import__
+
+  def no_onnx(name, *a, **kw):
+    if name == "onnx" or name.startswith("onnx."):
+      raise ImportError("No module named 'onnx'")
+    return real(name, *a, **kw)
+  monkeypatch.setattr(builtins, "__import__", no_onnx)
+  from evolq_jax.integer.to_onnx import require_onnx
+  with pytest.raises(ImportError, match=r"pip install 'evolq_jax\[onnx\]'"):
+    require_onnx()
