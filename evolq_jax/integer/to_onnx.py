@@ -432,6 +432,20 @@ def export_onnx(export: IntExport):
                  meta, qcfg.prob_bits)
 
 
+def fp_onnx(cfg, params):
+  """The full-precision model as ONNX through the same walk (no marks: float weights, no
+  Q/DQ): the graph the QDQ export is measured against."""
+  import jax
+
+  from evolq_jax.models.forward import fp_logits
+  spec = lambda b: jax.ShapeDtypeStruct((b, cfg.img_size, cfg.img_size, cfg.in_chans),  # noqa
+                                        np.float32)
+  fn = lambda x: fp_logits(cfg, params, x)  # noqa: E731
+  closed, twin = jax.make_jaxpr(fn)(spec(2)), jax.make_jaxpr(fn)(spec(3))
+  return to_onnx(closed, twin, (None, cfg.img_size, cfg.img_size, cfg.in_chans), cfg.num_classes,
+                 input_metadata(cfg))
+
+
 def save_onnx(path: str, model) -> str:
   """Check the graph (onnx.checker) and write it atomically; -> path."""
   onnx = require_onnx()

@@ -1,0 +1,322 @@
+"""The deployed model: ONNX Runtime's parity with the fake-quant model, and its
+speed against fp32, side by side.
+
+  python benchmarks/deploy.py parity [--cases fixture_W8A8 ...]   # real runs, whole test sets
+  python benchmarks/deploy.py speed [--models deit_tiny ...]      # idle machine, 2 threads
+  python benchmarks/deploy.py report                              # deploy.md from deploy.json
+  ->  benchmarks/results/deploy.{json,md}
+
+parity: each case is a run (`evolq eval`, or `search` where named) in
+runs/deploy/<case> (reused when finished); its result is exported as QDQ ONNX
+(`evolq export --format onnx`) and as the JAX integer model, and all three
+(fake-quant, ONNX Runtime, JAX integer) score every test image.
+speed: ONNX Runtime int8 (the QDQ export) against ONNX Runtime fp32 (the same
+graph without Q/DQ, from the same walk) against JAX fp32 and the JAX integer
+forward; batch 1 (median latency over --reps1 runs) and batch 64 (images/s,
+best of --reps64), 2 threads; random images (speed does not depend on values;
+random weights for deit_tiny, the real ones otherwise); file sizes; ONNX
+Runtime's own profile of the int8 graph at batch 64 (time per op type, and the
+matmuls/convs it left in float).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+from common import RESULTS, git_commit, write_results
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
+from evolq_jax.deploy import export_run
+from evolq_jax.export import build_export, save_export
+from evolq_jax.integer import int_forward, int_logits
+from evolq_jax.integer.to_onnx import export_onnx, fp_onnx, save_onnx
+from evolq_jax.models import fp_logits
+from evolq_jax.pipeline import load_data, load_model, predict, run_eval, run_search
+from evolq_jax.qparams import QPARAMS_FILE, load_qparams
+from evolq_jax.quant.recipe import QuantConfig, reference_init
+
+NAME = "deploy"
+RUNS = "runs/deploy"
+# case -> (command, config, overrides); Lite0 starts from the reference's init (bias
+# correction): without it W4A8 keeps 13.8% top-1, not a model anyone would deploy
+CASES = {
+    "fixture_W8A8": ("eval", "configs/fixture_w8a8.py", []),
+    "fixture_W4A8": ("eval", "configs/fixture_w4a8.py", []),
+    "fixture_W3A8": ("eval", "configs/fixture_w3a8.py", []),
+    "fixture_W3A8_search": ("search", "configs/fixture_w3a8.py", []),
+    "cifar10_W3A4": ("eval", "configs/cifar10.py:W3A4", []),
+    "lite0_W8A8": ("eval", "configs/efficientnet_lite0.py:W8A8", ["quant.bias_correction=True"]),
+    "lite0_W4A8": ("eval", "configs/efficientnet_lite0.py:W4A8", ["quant.bias_correction=True"]),
+}
+SPEED_MODELS = {"deit_tiny": ("deit_tiny_patch16_224", "random"),
+                "cifar10_vit": ("vit_cifar10_patch4_32", "bundled"),
+                "lite0": ("efficientnet_lite0", "pip")}
+INT_OPS = ("QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv", "ConvInteger",
+           "MatMulInteger", "QGemm", "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul")
+
+
+def load_json() -> dict:
+  path = os.path.join(RESULTS, f"{NAME}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return {}
+
+
+def load_average() -> list:
+  return [round(x, 2) for x in os.getloadavg()]
+
+
+def session(path_or_bytes, threads: int = 2, profile: str | None = None):
+  import onnxruntime as ort
+  opts = ort.SessionOptions()
+  opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+  if profile:
+    opts.enable_profiling, opts.profile_file_prefix = True, profile
+  return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(sess, images, batch: int = 100) -> np.ndarray:
+  return np.concatenate([sess.run(None, {"images": np.asarray(images[i:i + batch], np.float32)})[0]
+                         for i in range(0, len(images), batch)])
+
+
+# --- parity --------------------------------------------------------------------------
+
+def case_config(case: str):
+  _, spec, sets = CASES[case]
+  return apply_overrides(load_config(spec), sets)
+
+
+def finished_run(case: str, log) -> str:
+  """The case's run folder, its run done (reused when summary.json is there)."""
+  kind, spec, sets = CASES[case]
+  workdir = os.path.join(RUNS, case)
+  if os.path.exists(os.path.join(workdir, "summary.json")) and \
+      os.path.exists(os.path.join(workdir, QPARAMS_FILE)):
+    return workdir
+  log(f"{case}: evolq {kind} --config {spec} " + " ".join(f"--set {s}" for s in sets))
+  (run_eval if kind == "eval" else run_search)(case_config(case), workdir, overwrite=True)
+  return workdir
+
+
+def parity_case(case: str, log) -> dict:
+  workdir = finished_run(case, log)
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  c = case_config(case)
+  cfg, params = load_model(c)
+  images, labels = load_data(c, cfg)["test"]
+  qcfg = quant_config(c)
+  qparams = load_qparams(os.path.join(workdir, QPARAMS_FILE))
+  start = time.time()
+  onnx_path = export_run(workdir, fmt="onnx")["onnx"]
+  export_s = time.time() - start
+  fq = predict(cfg, params, images, qcfg, qparams, batch_size=100)
+  ol = ort_logits(session(onnx_path), images)
+  il = int_logits(build_export(cfg, qcfg, params, qparams), images, 100)
+  top1 = lambda lg: 100.0 * float(np.mean(lg.argmax(-1) == labels))  # noqa: E731
+  run_top1 = summary.get("final_top1", summary["init_top1"])
+  rec = {"command": f"evolq {CASES[case][0]} --config {CASES[case][1]} "
+                    + " ".join(f"--set {s}" for s in CASES[case][2]),
+         "model": cfg.name, "setting": qcfg.name, "bias_correction": qcfg.bias_correction,
+         "test_images": int(len(images)), "run_top1": run_top1,
+         "fake_quant_top1": top1(fq), "onnx_top1": top1(ol), "jax_integer_top1": top1(il),
+         "onnx_images_off_run_top1": int(round(abs(top1(ol) - run_top1) * len(images) / 100)),
+         "onnx_same_top1": 100.0 * float(np.mean(ol.argmax(-1) == fq.argmax(-1))),
+         "onnx_max_abs_delta_logit": float(np.max(np.abs(ol - fq))),
+         "jax_integer_same_top1": 100.0 * float(np.mean(il.argmax(-1) == fq.argmax(-1))),
+         "jax_integer_max_abs_delta_logit": float(np.max(np.abs(il - fq))),
+         "onnx_bytes": os.path.getsize(onnx_path), "export_seconds": export_s}
+  log(f"{case}: ONNX Runtime top-1 {rec['onnx_top1']:.2f} (run {run_top1:.2f}), same top-1 as "
+      f"fake-quant {rec['onnx_same_top1']:.2f}%, max |dlogit| {rec['onnx_max_abs_delta_logit']:.4f}")
+  return rec
+
+
+# --- speed ---------------------------------------------------------------------------
+
+def speed_model(key: str, tmp: str, args, log) -> dict:
+  name, weights = SPEED_MODELS[key]
+  ckpt = {"random": "random", "bundled": "bundled"}.get(weights)
+  c = bits_config("W8A8", name, **({"checkpoint": ckpt} if ckpt else {}))
+  if weights == "pip":
+    c = load_config("configs/efficientnet_lite0.py:W8A8")
+  cfg, params = load_model(c)
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(64, cfg.img_size, cfg.img_size, cfg.in_chans)).astype(np.float32)
+  qcfg = reference_init(QuantConfig(w_bits=args.w_bits, a_bits=8))
+  qparams = calibrate(cfg, qcfg, params, images[:16], 16, progress=False)
+  export = build_export(cfg, qcfg, params, qparams)
+  paths = {"int8": save_onnx(os.path.join(tmp, f"{key}_int8.onnx"), export_onnx(export)),
+           "fp32": save_onnx(os.path.join(tmp, f"{key}_fp32.onnx"), fp_onnx(cfg, params))}
+  packed = save_export(os.path.join(tmp, f"{key}_int.safetensors"), export)["export"]
+  sessions = {k: session(p) for k, p in paths.items()}
+  jfp = jax.jit(lambda x: fp_logits(cfg, params, x))
+  jint = jax.jit(int_forward(export, 64)[0])
+  jint1 = jax.jit(int_forward(export, 1)[0])
+  runners = {
+      "ort_int8": lambda x: sessions["int8"].run(None, {"images": x})[0],
+      "ort_fp32": lambda x: sessions["fp32"].run(None, {"images": x})[0],
+      "jax_fp32": lambda x: np.asarray(jfp(x)),
+      "jax_integer": lambda x: np.asarray((jint if len(x) == 64 else jint1)(x))}
+  out = {"model": name, "weights": weights, "setting": qcfg.name, "load_before": load_average(),
+         "bytes": {"onnx_int8": os.path.getsize(paths["int8"]),
+                   "onnx_fp32": os.path.getsize(paths["fp32"]),
+                   "packed_export": os.path.getsize(packed)}}
+  one = images[:1]
+  for k, fn in runners.items():
+    fn(one), fn(images)  # warm up: compile / first-run allocations
+    lat = []
+    for _ in range(args.reps1):
+      t = time.perf_counter()
+      fn(one)
+      lat.append(time.perf_counter() - t)
+    thr = []
+    for _ in range(args.reps64):
+      t = time.perf_counter()
+      fn(images)
+      thr.append(time.perf_counter() - t)
+    out[k] = {"b1_median_ms": 1e3 * statistics.median(lat), "b1_runs": len(lat),
+              "b64_images_per_s": 64 / min(thr), "b64_runs": len(thr)}
+    log(f"{key} {k}: batch 1 {out[k]['b1_median_ms']:.2f} ms, batch 64 "
+        f"{out[k]['b64_images_per_s']:.1f} images/s")
+  out["load_after"] = load_average()
+  out["ort_int8_vs_fp32_b64"] = out["ort_int8"]["b64_images_per_s"] / out["ort_fp32"][
+      "b64_images_per_s"]
+  out["ort_int8_vs_fp32_b1"] = out["ort_fp32"]["b1_median_ms"] / out["ort_int8"]["b1_median_ms"]
+  out["jax_integer_vs_fp32_b64"] = out["jax_integer"]["b64_images_per_s"] / out["jax_fp32"][
+      "b64_images_per_s"]
+  out["profile"] = profile(paths["int8"], images, tmp, key)
+  return out
+
+
+def profile(path: str, images, tmp: str, key: str) -> dict:
+  """ORT's profile of the int8 graph at batch 64: time share per op type, and which
+  matmuls/convs ran in float (not fused into integer kernels)."""
+  import onnx
+  import onnxruntime as ort
+  opts = ort.SessionOptions()
+  opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
+  opts.optimized_model_filepath = os.path.join(tmp, f"{key}_opt.onnx")
+  opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tmp, f"{key}_prof")
+  sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+  for _ in range(3):
+    sess.run(None, {"images": images})
+  trace = json.load(open(sess.end_profiling()))
+  per_op = collections.Counter()
+  for ev in trace:
+    if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+      per_op[ev["args"]["op_name"]] += ev["dur"]
+  total = sum(per_op.values())
+  ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+  return {"time_share": {k: round(v / total, 4) for k, v in per_op.most_common(12)},
+          "integer_kernels": {k: v for k, v in ops.items() if k in INT_OPS},
+          "float_matmuls_convs": {k: v for k, v in ops.items()
+                                  if k in ("MatMul", "Conv", "Gemm", "FusedConv", "FusedMatMul")}}
+
+
+# --- report --------------------------------------------------------------------------
+
+def summary(payload: dict) -> dict:
+  sp, pa = payload.get("speed", {}), payload.get("parity", {})
+  get = lambda m, k: sp.get(m, {}).get(k)  # noqa: E731
+  return {"ort_int8_vs_fp32_deit_tiny_b64": get("deit_tiny", "ort_int8_vs_fp32_b64"),
+          "ort_int8_vs_fp32_deit_tiny_b1": get("deit_tiny", "ort_int8_vs_fp32_b1"),
+          "ort_int8_vs_fp32_lite0_b64": get("lite0", "ort_int8_vs_fp32_b64"),
+          "ort_int8_vs_fp32_cifar10_vit_b64": get("cifar10_vit", "ort_int8_vs_fp32_b64"),
+          "families_exported": payload.get("families_exported", []),
+          "parity_same_top1": {k: r["onnx_same_top1"] for k, r in pa.items()},
+          "parity_max_abs_delta_logit": {k: r["onnx_max_abs_delta_logit"] for k, r in pa.items()}}
+
+
+def markdown(payload: dict) -> str:
+  s = payload["summary"]
+  lines = ["# Deploy: QDQ ONNX in ONNX Runtime", "",
+           f"Written by `benchmarks/deploy.py` (git commit `{payload.get('git_commit', '?')}`).",
+           f"Families exported (tests, every CI run): {', '.join(s['families_exported'])}.", ""]
+  if payload.get("parity"):
+    lines += ["## Parity with the fake-quant model (every test image)", "",
+              "| case | model | setting | bias corr. | images | run top-1 | ONNX Runtime top-1 "
+              "| same top-1 as fake-quant | max abs Δlogit | JAX integer same top-1 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in payload["parity"].items():
+      lines.append(f"| {k} | {r['model']} | {r['setting']} | {'yes' if r['bias_correction'] else 'no'}"
+                   f" | {r['test_images']:,} | {r['run_top1']:.2f} | {r['onnx_top1']:.2f} | "
+                   f"{r['onnx_same_top1']:.2f}% | {r['onnx_max_abs_delta_logit']:.4f} | "
+                   f"{r['jax_integer_same_top1']:.2f}% |")
+  if payload.get("speed"):
+    lines += ["", "## Speed (2 threads, random images)", "",
+              "| model | setting | batch 64 images/s: ORT int8 | ORT fp32 | JAX fp32 | JAX integer "
+              "| ORT int8 / fp32 (b64) | batch 1 ms: ORT int8 | ORT fp32 | ORT int8 / fp32 (b1) "
+              "| load avg before → after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k, r in payload["speed"].items():
+      b64 = lambda m: f"{r[m]['b64_images_per_s']:.1f}"  # noqa: E731, B023
+      b1 = lambda m: f"{r[m]['b1_median_ms']:.2f}"  # noqa: E731, B023
+      lines.append(f"| {r['model']} | {r['setting']} | {b64('ort_int8')} | {b64('ort_fp32')} | "
+                   f"{b64('jax_fp32')} | {b64('jax_integer')} | **{r['ort_int8_vs_fp32_b64']:.2f}×**"
+                   f" | {b1('ort_int8')} | {b1('ort_fp32')} | {r['ort_int8_vs_fp32_b1']:.2f}× | "
+                   f"{r['load_before']} → {r['load_after']} |")
+    lines += ["", "File sizes (bytes on disk): the ONNX files hold weights unpacked in int8 "
+              "containers; the packed export (`evolq export`, .safetensors) holds 3/4-bit codes "
+              "two per byte.", "", "| model | ONNX int8 | ONNX fp32 | packed export |",
+              "|---|---|---|---|"]
+    mib = lambda b: f"{b / 2 ** 20:.2f} MiB"  # noqa: E731
+    for k, r in payload["speed"].items():
+      b = r["bytes"]
+      lines.append(f"| {r['model']} | {mib(b['onnx_int8'])} | {mib(b['onnx_fp32'])} | "
+                   f"{mib(b['packed_export'])} |")
+    lines += ["", "ONNX Runtime's profile of the int8 graph (batch 64): the five op types "
+              "taking most time, the integer kernels it fused, and the matmuls/convs it left "
+              "in float.", ""]
+    for k, r in payload["speed"].items():
+      p = r["profile"]
+      share = ", ".join(f"{op} {100 * v:.1f}%" for op, v in list(p["time_share"].items())[:5])
+      lines.append(f"- {r['model']}: {share}; integer kernels {p['integer_kernels']}; "
+                   f"float {p['float_matmuls_convs'] or 'none'}.")
+  return "\n".join(lines) + "\n"
+
+
+def write(payload: dict):
+  from evolq_jax.models.registry import FAMILIES
+  payload["families_exported"] = sorted(FAMILIES)  # tests/test_onnx.py exports each, every CI run
+  payload["git_commit"] = git_commit()
+  payload["summary"] = summary(payload)
+  write_results(NAME, payload, markdown(payload))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("part", choices=("parity", "speed", "report"))
+  ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  ap.add_argument("--models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS))
+  ap.add_argument("--w-bits", type=int, default=4, help="weight bits of the speed exports")
+  ap.add_argument("--reps1", type=int, default=30, help="batch-1 runs (median)")
+  ap.add_argument("--reps64", type=int, default=5, help="batch-64 runs (best)")
+  args = ap.parse_args()
+  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  payload = load_json()
+  if args.part == "parity":
+    for case in args.cases:
+      payload.setdefault("parity", {})[case] = parity_case(case, log)
+      write(payload)
+  elif args.part == "speed":
+    with tempfile.TemporaryDirectory() as tmp:
+      for key in args.models:
+        payload.setdefault("speed", {})[key] = speed_model(key, tmp, args, log)
+        payload["speed_command"] = " ".join(["python"] + sys.argv)
+        write(payload)
+  else:
+    write(payload)
+
+
+if __name__ == "__main__":
+  main()
