@@ -116,3 +116,31 @@ def test_onnx_export_without_onnx_says_what_to_install(monkeypatch):
   from evolq_jax.integer.to_onnx import require_onnx
   with pytest.raises(ImportError, match=r"pip install 'evolq_jax\[onnx\]'"):
     require_onnx()
+
+
+def test_the_readme_deploy_snippet_runs(fixture, tmp_path):
+  """README's five lines, on an image folder the test writes and the fixture's ONNX file."""
+  import re
+
+  from PIL import Image
+  cfg, qcfg, params, acts, _ = fixture
+  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
+  model = export_onnx(build_export(cfg, qcfg, params, qparams))
+  onnx.save(model, str(tmp_path / "model.onnx"))
+  rng = np.random.default_rng(0)
+  (tmp_path / "photos").mkdir()
+  (tmp_path / "photos" / "classes.txt").write_text("a\nb\n")
+  for cls in ("a", "b"):
+    (tmp_path / "photos" / "val" / cls).mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), "L").save(
+          tmp_path / "photos" / "val" / cls / f"{i}.png")
+  readme = open("README.md").read()
+  code = re.search(r"<!-- deploy-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
+  assert len(code.strip().splitlines()) == 5
+  code = (code.replace('"photos"', repr(str(tmp_path / "photos")))
+          .replace('"runs/lite0/model.onnx"', repr(str(tmp_path / "model.onnx")))
+          .replace('"efficientnet_lite0"', '"vit_fixture_patch4_28"'))
+  scope = {}
+  exec(compile(code, "README deploy snippet", "exec"), scope)
+  assert scope["logits"].shape == (6, 10) and list(scope["labels"]) == [0, 0, 0, 1, 1, 1]

@@ -48,9 +48,14 @@ def require_onnx():
 @dataclasses.dataclass
 class T:
   """An ONNX tensor: its name and the shape it really has (it may still need a
-  broadcast to the equation's shape: broadcast_in_dim is left to the consumer)."""
+  broadcast to the equation's shape: broadcast_in_dim is left to the consumer).
+  qdq: (codes tensor, scale, zero point) when it is DequantizeLinear's output, so
+  that shape ops and constant scalar factors move onto the codes and the
+  DequantizeLinear stays right before the matmul that reads it (the QDQ pattern
+  ONNX Runtime fuses)."""
   name: str
   shape: tuple
+  qdq: tuple = None
 
 
 @dataclasses.dataclass
@@ -68,6 +73,7 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max", 
           "pow": "Pow", "and": "And", "or": "Or", "eq": "Equal", "lt": "Less", "gt": "Greater",
           "le": "LessOrEqual", "ge": "GreaterOrEqual"}
 IDENTITY = ("stop_gradient", "copy", "copy_p", "optimization_barrier")
+MOVABLE = ("reshape", "transpose", "squeeze", "slice", "split", "copy", "copy_p")
 REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "ReduceMin",
           "reduce_prod": "ReduceProd"}
 
@@ -159,16 +165,41 @@ class OnnxBackend:
       # x / s_c on a unit grid, then * s_c (the same rounding as a per-axis QDQ pair)
       s_c = self.const(scale.reshape(-1), "ptf_scale")
       unit = self.qdq(self.node("Div", [x, s_c]), np.float32(1.0), zp.reshape(-1)[0], bits)
-      return T(self.node("Mul", [unit, s_c]), args[0].shape)
-    return T(self.qdq(x, scale, zp, bits), args[0].shape)
+      return T(self.node("Mul", [unit.name, s_c]), args[0].shape)
+    return self.qdq(x, scale, zp, bits, args[0].shape)
 
-  def qdq(self, x: str, scale, zp, bits: int) -> str:
+  def qdq(self, x: str, scale, zp, bits: int, shape=()) -> T:
     """QuantizeLinear -> DequantizeLinear (uint8, per tensor) of `bits` bits."""
-    s_name, z_name = self.const(np.float32(scale), "scale"), self.const(np.uint8(zp), "zp")
-    u = self.node("QuantizeLinear", [x, s_name, z_name], "q")
+    z_name = self.const(np.uint8(zp), "zp")
+    u = self.node("QuantizeLinear", [x, self.const(np.float32(scale), "scale"), z_name], "q")
     if bits < 8:  # QuantizeLinear saturates at 255: clip onto the narrower grid
       u = self.node("Clip", [u, self.const(np.uint8(0)), self.const(np.uint8(2 ** bits - 1))])
-    return self.node("DequantizeLinear", [u, s_name, z_name], "dq")
+    return self.dq(u, np.float32(scale), z_name, shape)
+
+  def dq(self, u: str, scale, z_name: str, shape) -> T:
+    y = self.node("DequantizeLinear", [u, self.const(np.float32(scale), "scale"), z_name], "dq")
+    return T(y, shape, (u, np.float32(scale), z_name))
+
+  def moved_qdq(self, fn, eqn, args, shape, tshape):
+    """A shape op (or a constant scalar factor) applied to the codes of a DequantizeLinear
+    output, and a new DequantizeLinear after it; None where that does not apply."""
+    x = args[0] if args else None
+    name = eqn.primitive.name
+    if name == "mul" and len(args) == 2:
+      t, c = (args[0], args[1]) if isinstance(args[0], T) else (args[1], args[0])
+      if isinstance(t, T) and t.qdq is not None and isinstance(c, np.ndarray) and c.size == 1 \
+          and t.shape == shape:
+        return self.dq(t.qdq[0], t.qdq[1] * np.float32(c.reshape(())), t.qdq[2], t.shape)
+      return None
+    if name not in MOVABLE or not isinstance(x, T) or x.qdq is None or x.shape != tuple(
+        eqn.invars[0].aval.shape):
+      return None
+    if fn is None:  # copy
+      return x
+    out = fn(eqn, [T(x.qdq[0], x.shape)] + list(args[1:]), shape, tshape)
+    outs = out if isinstance(out, list) else [out]
+    moved = [self.dq(o.name, x.qdq[1], x.qdq[2], o.shape) for o in outs]
+    return moved if isinstance(out, list) else moved[0]
 
   def log2(self, x: str) -> str:
     """FQ-ViT's log2 quantizer (quant/log2.py) as float ops."""
@@ -196,6 +227,9 @@ class OnnxBackend:
       if q.shape[-1] == k.q.shape[-1]:
         return [Kernel(q, k.zero_point, k.scale, k.shift)]
     fn = getattr(self, f"op_{name}", None)
+    moved = self.moved_qdq(fn, eqn, args, shape, tshape)
+    if moved is not None:
+      return moved if isinstance(moved, list) else [moved]
     if fn is not None:
       out = fn(eqn, args, shape, tshape)
       return out if isinstance(out, list) else [out]
