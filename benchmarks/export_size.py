@@ -50,12 +50,12 @@ def sizes(cfg, qcfg, params, qparams, folder: str) -> dict:
   out["fp32_checkpoint"] = os.path.getsize(fp)
   out["fp32_over_export"] = out["fp32_checkpoint"] / out["export"]
   by_kind = {"weight codes": 0, "per-channel scales, zero points, biases": 0,
-             "activation quantizers": 0, "float params (LayerNorm, cls, pos)": 0, "input": 0}
+             "activation quantizers": 0, "float params (LayerNorm, cls, pos)": 0}
   for k, v in export.arrays.items():
     kind = ("weight codes" if k.endswith("/codes") else
             "per-channel scales, zero points, biases" if k.startswith("weights/") else
             "activation quantizers" if k.startswith("acts/") else
-            "input" if k.startswith("input/") else "float params (LayerNorm, cls, pos)")
+            "float params (LayerNorm, cls, pos)")
     by_kind[kind] += v.nbytes
   out["array_bytes"] = by_kind
   return out

@@ -79,7 +79,7 @@ def int_model(export: IntExport):
   cfg, qcfg = model_configs(export.manifest)
   weights, acts = int_weights(export), int_acts(export)
   floats = {k[len("float/"):]: v for k, v in export.arrays.items() if k.startswith("float/")}
-  module = model_for(cfg, "int", qcfg)
+  module = model_for(cfg, "int", qcfg, named_ops=True)
 
   def fn(images):
     return module.apply({"params": int_params(weights, floats)}, images, acts)

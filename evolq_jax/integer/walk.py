@@ -3,7 +3,8 @@ the integer backends: the JAX integer forward (interpret.py) and the ONNX
 export (to_onnx.py).
 
 Named calls are inlined (jit, custom_jvp/vjp, closed calls) except the
-quantizer marks of quant/markers.py, which go to `backend.mark` whole.
+quantizer marks of quant/markers.py, which go to `backend.mark` whole, and
+its named float ops, which go to `backend.named_fn` where a backend has one.
 Every other equation goes to `backend.op`. A backend sees its own values
 only: the walker maps jaxpr variables to them.
 """
@@ -59,9 +60,15 @@ def walk(jaxpr, consts, args, backend, twin=None):
   twin_eqns = twin.eqns if twin is not None else [None] * len(jaxpr.eqns)
   for eqn, teqn in zip(jaxpr.eqns, twin_eqns):
     vals = [_read(env, v, backend) for v in eqn.invars]
-    mark = markers.parse(eqn.params.get("name")) if eqn.primitive.name in ("jit", "pjit") else None
+    jit_name = eqn.params.get("name") if eqn.primitive.name in ("jit", "pjit") else None
+    mark, named = markers.parse(jit_name), markers.parse_fn(jit_name)
     sub = _sub(eqn)
-    if mark is not None:
+    out = None
+    if named is not None and hasattr(backend, "named_fn"):
+      out = backend.named_fn(named[0], named[1], eqn, vals, teqn)  # None: inline it
+    if out is not None:
+      outs = [out]
+    elif mark is not None:
       outs = [backend.mark(mark[0], mark[1], eqn, vals, teqn)]
     elif sub is not None:
       tsub = _sub(teqn)[0] if teqn is not None else None

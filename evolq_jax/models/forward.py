@@ -27,10 +27,14 @@ def act_rules(cfg, qcfg: QuantConfig) -> tuple:
   return family_of(cfg).act_rules(qcfg)
 
 
-def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None):
+def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None,
+              named_ops: bool = False):
+  """named_ops: LayerNorm, softmax, GELU, Hardswish as one named equation each (the
+  export's traces; the same values)."""
   fam = family_of(cfg)
   return fam.module(config=cfg, mode=mode, quant=quant,
-                    rules=fam.act_rules(quant) if quant is not None else ())
+                    rules=fam.act_rules(quant) if quant is not None else (),
+                    named_ops=named_ops)
 
 
 @functools.partial(jax.jit, static_argnums=0)

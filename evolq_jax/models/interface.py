@@ -110,6 +110,18 @@ class Family:
   prepare: Optional[Callable] = None  # (flat converted params, cfg) -> flat params
 
 
+class NamedLayerNorm(nn.Module):
+  """nn.LayerNorm's params and values, computed as one named equation."""
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,))
+    bias = self.param("bias", nn.initializers.zeros, (d,))
+    return markers.layer_norm(x, scale, bias, self.epsilon)
+
+
 def _keep_last(_, new):
   return new
 
@@ -127,6 +139,7 @@ class QuantPoint(nn.Module):
   mode: str = "fp"
   quant: Optional[QuantConfig] = None
   rules: tuple = ()
+  named_ops: bool = False  # export traces: LayerNorm, softmax, GELU, Hardswish as named ops
 
   def qpoint(self, name: str, x, aq):
     if self.mode == "calib":
@@ -152,7 +165,22 @@ class QuantPoint(nn.Module):
 
   def child_kw(self) -> dict:
     """Keyword arguments that pass mode, quant config and rules to a child."""
-    return dict(mode=self.mode, quant=self.quant, rules=self.rules)
+    return dict(mode=self.mode, quant=self.quant, rules=self.rules, named_ops=self.named_ops)
+
+  # float ops: as Flax computes them, or (named_ops) one named equation each, what an
+  # export writes as one op (quant/markers.py); the values are the same
+  def layer_norm(self, epsilon: float, name: str):
+    """The LayerNorm module `name` (params scale, bias, as nn.LayerNorm's)."""
+    return (NamedLayerNorm if self.named_ops else nn.LayerNorm)(epsilon, name=name)
+
+  def softmax(self, x):
+    return markers.softmax(x) if self.named_ops else nn.softmax(x, axis=-1)
+
+  def gelu(self, x):
+    return markers.gelu(x) if self.named_ops else nn.gelu(x, approximate=False)
+
+  def hard_swish(self, x):
+    return markers.hard_swish(x) if self.named_ops else nn.hard_swish(x)
 
   def check_mode(self, aq):
     if self.mode not in MODES:

@@ -153,10 +153,10 @@ class LevitAttention(QuantPoint):
     logits = qk * kd ** -0.5 + biases[:, attention_bias_idxs(s.resolution, s.stride)]
     logits = self.qpoint("logits", logits, aq)
     # softmax in at least float32 (bf16 logits are upcast; float64 stays)
-    probs = self.qpoint("probs", nn.softmax(
-        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1), aq)
+    probs = self.qpoint("probs", self.softmax(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32))), aq)
     ctx = (probs.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, -1, h * vd)
-    act = nn.hard_swish(self.qpoint("context", ctx, aq))
+    act = self.hard_swish(self.qpoint("context", ctx, aq))
     if s.stride != 1:  # the reference quantizes proj's input in AttentionSubsample only
       act = self.qpoint("act_out", act, aq)
     return self.qpoint("proj_out", nn.Dense(s.dim, name="proj")(act), aq)
@@ -168,7 +168,7 @@ class LevitMlp(QuantPoint):
   @nn.compact
   def __call__(self, x, aq=None):
     h = self.qpoint("ln1_out", nn.Dense(self.hidden, name="ln1")(x), aq)
-    h = self.qpoint("act_out", nn.hard_swish(h), aq)
+    h = self.qpoint("act_out", self.hard_swish(h), aq)
     return nn.Dense(x.shape[-1], name="ln2")(h)
 
 
@@ -209,7 +209,7 @@ class Stem16(QuantPoint):
       x = nn.Conv(d, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), name=f"conv{k}")(x)
       x = self.qpoint(f"conv{k}_out", x, aq)
       if k < len(self.dims):
-        x = self.qpoint(f"act{k}_out", nn.hard_swish(x), aq)
+        x = self.qpoint(f"act{k}_out", self.hard_swish(x), aq)
     return x
 
 

@@ -150,8 +150,8 @@ class WindowAttention(QuantPoint):
       logits = (logits.reshape(-1, mask.shape[0], h, n, n) + mask[None, :, None]).reshape(
           logits.shape)
     # softmax in at least float32 (bf16 logits are upcast; float64 stays)
-    probs = self.qpoint("probs", nn.softmax(
-        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1), aq)
+    probs = self.qpoint("probs", self.softmax(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32))), aq)
     ctx = (probs.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
     ctx = self.qpoint("context", ctx, aq)
     return self.qpoint("proj_out", nn.Dense(d, name="proj")(ctx), aq)
@@ -167,7 +167,7 @@ class SwinBlock(QuantPoint):
   def __call__(self, x, aq=None):
     _, res, _, _ = x.shape
     win, s, kw = self.window, self.shift, self.child_kw()
-    h = self.qpoint("norm1_out", nn.LayerNorm(LN_EPS, name="norm1")(x), aq)
+    h = self.qpoint("norm1_out", self.layer_norm(LN_EPS, "norm1")(x), aq)
     h = jnp.roll(h, (-s, -s), axis=(1, 2)) if s else h
     mask = jnp.asarray(shift_mask(res, win, s)) if s else None
     a = WindowAttention(num_heads=self.num_heads, window=win, name="attn", **kw)(
@@ -175,7 +175,7 @@ class SwinBlock(QuantPoint):
     a = window_reverse(a, win, res, res)
     a = jnp.roll(a, (s, s), axis=(1, 2)) if s else a
     x = self.qpoint("resid1", x + a, aq)
-    h = self.qpoint("norm2_out", nn.LayerNorm(LN_EPS, name="norm2")(x), aq)
+    h = self.qpoint("norm2_out", self.layer_norm(LN_EPS, "norm2")(x), aq)
     return self.qpoint("resid2", x + Mlp(hidden=self.mlp_hidden, name="mlp", **kw)(
         h, self.sub(aq, "mlp")), aq)
 
@@ -188,7 +188,7 @@ class PatchMerging(QuantPoint):
   def __call__(self, x, aq=None):
     b, hh, ww, c = x.shape
     x = x.reshape(b, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
-    x = self.qpoint("norm_out", nn.LayerNorm(LN_EPS, name="norm")(
+    x = self.qpoint("norm_out", self.layer_norm(LN_EPS, "norm")(
         x.reshape(b, hh // 2, ww // 2, 4 * c)), aq)
     return self.qpoint("reduction_out", nn.Dense(self.out_dim, use_bias=False,
                                                  name="reduction")(x), aq)
@@ -222,7 +222,7 @@ class PatchEmbed(QuantPoint):
     p = self.patch_size
     x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", name="proj")(images)
     x = self.qpoint("proj_out", x, aq)
-    return self.qpoint("norm_out", nn.LayerNorm(LN_EPS, name="norm")(x), aq)
+    return self.qpoint("norm_out", self.layer_norm(LN_EPS, "norm")(x), aq)
 
 
 class SwinTransformer(QuantPoint):
@@ -256,7 +256,7 @@ class SwinTransformer(QuantPoint):
       offset += depth
     if last_unit is not None:
       return x
-    x = self.qpoint("norm_out", nn.LayerNorm(LN_EPS, name="norm")(x), aq)
+    x = self.qpoint("norm_out", self.layer_norm(LN_EPS, "norm")(x), aq)
     x = self.qpoint("pool_out", x.mean(axis=(1, 2)), aq)
     return self.qpoint("head_out", nn.Dense(cfg.num_classes, name="head")(x), aq)
 

@@ -68,8 +68,8 @@ class Attention(QuantPoint):
     q, k, v = qkv[0], qkv[1], qkv[2]  # (b, heads, n, hd)
     logits = self.qpoint("logits", (q * hd ** -0.5) @ k.swapaxes(-1, -2), aq)
     # softmax in at least float32 (bf16 logits are upcast; float64 stays)
-    probs = self.qpoint("probs", nn.softmax(
-        logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1), aq)
+    probs = self.qpoint("probs", self.softmax(
+        logits.astype(jnp.promote_types(logits.dtype, jnp.float32))), aq)
     ctx = (probs.astype(v.dtype) @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
     ctx = self.qpoint("context", ctx, aq)
     return self.qpoint("proj_out", nn.Dense(d, name="proj")(ctx), aq)
@@ -81,8 +81,7 @@ class Mlp(QuantPoint):
   @nn.compact
   def __call__(self, x, aq=None):
     d = x.shape[-1]
-    h = self.qpoint("gelu_out", nn.gelu(nn.Dense(self.hidden, name="fc1")(x),
-                                        approximate=False), aq)
+    h = self.qpoint("gelu_out", self.gelu(nn.Dense(self.hidden, name="fc1")(x)), aq)
     return self.qpoint("fc2_out", nn.Dense(d, name="fc2")(h), aq)
 
 
@@ -93,10 +92,10 @@ class Block(QuantPoint):
   @nn.compact
   def __call__(self, x, aq=None):
     kw = self.child_kw()
-    h = self.qpoint("norm1_out", nn.LayerNorm(LN_EPS, name="norm1")(x), aq)
+    h = self.qpoint("norm1_out", self.layer_norm(LN_EPS, "norm1")(x), aq)
     x = self.qpoint("resid1", x + Attention(num_heads=self.num_heads, name="attn", **kw)(
         h, self.sub(aq, "attn")), aq)
-    h = self.qpoint("norm2_out", nn.LayerNorm(LN_EPS, name="norm2")(x), aq)
+    h = self.qpoint("norm2_out", self.layer_norm(LN_EPS, "norm2")(x), aq)
     return self.qpoint("resid2", x + Mlp(hidden=self.mlp_hidden, name="mlp", **kw)(
         h, self.sub(aq, "mlp")), aq)
 
@@ -122,7 +121,7 @@ class VisionTransformer(QuantPoint):
                 **self.child_kw())(x, self.sub(aq, f"blocks_{i}"))
     if last_unit is not None:
       return x
-    x = self.qpoint("norm_out", nn.LayerNorm(LN_EPS, name="norm")(x), aq)
+    x = self.qpoint("norm_out", self.layer_norm(LN_EPS, "norm")(x), aq)
     return self.qpoint("head_out", nn.Dense(cfg.num_classes, name="head")(x[:, 0]), aq)
 
   def embed(self, images, aq):

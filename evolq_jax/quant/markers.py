@@ -15,12 +15,18 @@ QuantizeLinear / DequantizeLinear), and needs no second model definition.
                                         integer kernel codes -> float kernel:
                                         scale * (q - zero_point) + shift per output
                                         channel (shift: bias correction's mean term)
+
+Named float ops (`layer_norm`, `softmax`, `gelu`, `hard_swish`), used where a model
+is traced for export: one equation each, which the ONNX backend writes as the
+one ONNX op of that name (ONNX Runtime's fused kernel) instead of the dozen
+elementwise ops they are made of. They compute what the Flax/JAX functions do.
 """
 from __future__ import annotations
 
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +37,7 @@ from evolq_jax.quant.uniform import fake_quant
 PREFIX = "evolq_"
 KINDS = ("qdq", "log2", "wdq")
 _NAME = re.compile(rf"{PREFIX}({'|'.join(KINDS)})__(\d+)")
+_FN = re.compile(rf"{PREFIX}fn__([a-z_0-9]+?)(?:__(.+))?")
 
 
 def _named(kind: str, bits: int, fn):
@@ -70,6 +77,43 @@ def act_log2(p, bits: int):
 def weight_dq(q, zero_point, scale, shift, bits: int):
   """q: int8/uint8 kernel codes (..., out); zero_point same dtype (out,); scale, shift (out,)."""
   return _wdq(bits)(q, zero_point, scale, shift)
+
+
+@functools.lru_cache(maxsize=None)
+def _fn(op: str, arg: str = ""):
+  bodies = {
+      "layernorm": lambda x, scale, bias: nn.LayerNorm(float(arg)).apply(
+          {"params": {"scale": scale, "bias": bias}}, x),
+      "softmax": lambda x: nn.softmax(x, axis=-1),
+      "gelu": lambda x: nn.gelu(x, approximate=False),
+      "hard_swish": nn.hard_swish}
+  fn = bodies[op]
+  name = f"{PREFIX}fn__{op}" + (f"__{arg}" if arg else "")
+  wrapped = lambda *a: fn(*a)  # noqa: E731
+  wrapped.__name__ = name
+  return jax.jit(wrapped)
+
+
+def layer_norm(x, scale, bias, epsilon: float):
+  return _fn("layernorm", repr(float(epsilon)))(x, scale, bias)
+
+
+def softmax(x):
+  return _fn("softmax")(x)
+
+
+def gelu(x):
+  return _fn("gelu")(x)
+
+
+def hard_swish(x):
+  return _fn("hard_swish")(x)
+
+
+def parse_fn(name: str):
+  """A jit equation's name -> (op, arg) for a named float op, else None."""
+  m = _FN.fullmatch(name or "")
+  return (m.group(1), m.group(2) or "") if m else None
 
 
 def parse(name: str):
