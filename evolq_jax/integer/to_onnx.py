@@ -56,6 +56,7 @@ class T:
   name: str
   shape: tuple
   qdq: tuple = None
+  pending: str = None  # a term still to add (bias correction's), after the bias
 
 
 @dataclasses.dataclass
@@ -154,7 +155,7 @@ class OnnxBackend:
   def mark(self, kind, bits, eqn, args, twin):
     if kind == "wdq":
       return Kernel(*[np.asarray(a) for a in args])
-    x = args[0]
+    x = self.settle(args[0])
     shape = tuple(eqn.outvars[0].aval.shape)
     if not isinstance(x, T):  # a quantized constant (Swin's bias table): fold it
       return np.asarray(eqn.primitive.bind(*args, **eqn.params)[0])  # jit: a list of outputs
@@ -207,6 +208,7 @@ class OnnxBackend:
 
   def named_fn(self, op, arg, eqn, args, twin):
     """A named float op (quant/markers.py) as its one ONNX op; None: inline it."""
+    args = [self.settle(a) for a in args]
     if not isinstance(args[0], T):
       return None  # on constants: fold through the walk
     self._eqn, self._twin = eqn, twin
@@ -235,11 +237,24 @@ class OnnxBackend:
     p = self.node("Pow", [self.const(np.float32(2.0)), self.node("Neg", [e])])
     return self.node("Where", [under, self.const(np.float32(0.0)), p])
 
+  def settle(self, v):
+    """v with its pending term added."""
+    if isinstance(v, T) and v.pending is not None:
+      return T(self.node("Add", [v.name, v.pending]), v.shape)
+    return v
+
   def op(self, eqn, args, twin):
     self._eqn, self._twin = eqn, twin
     name = eqn.primitive.name
     shape = tuple(eqn.outvars[0].aval.shape)
     tshape = tuple(twin.outvars[0].aval.shape) if twin is not None else shape
+    pend = [a for a in args if isinstance(a, T) and a.pending is not None]
+    if name == "add" and len(pend) == 1 and len(args) == 2:  # the bias first, then the term
+      other = args[1] if args[0] is pend[0] else args[0]
+      if not isinstance(other, (T, Kernel)):
+        y = self.node("Add", [pend[0].name, self.name_of(other)])
+        return [T(self.node("Add", [y, pend[0].pending]), _bshape(args, shape))]
+    args = [self.settle(a) for a in args]
     if not any(isinstance(a, (T, Kernel)) for a in args) and shape == tshape:
       out = eqn.primitive.bind(*args, **eqn.params)  # constants only: fold
       return [np.asarray(o) for o in out] if eqn.primitive.multiple_results else [np.asarray(out)]
@@ -316,6 +331,15 @@ class OnnxBackend:
     x = self.full_in(args[0], 0)
     return T(self.node("Reshape", [x, self.shape_tensor(shape, tshape, reshape=True)]), shape)
 
+  def op_pad(self, eqn, args, shape, tshape):
+    cfg = eqn.params["padding_config"]
+    if any(interior for _, _, interior in cfg) or any(lo < 0 or hi < 0 for lo, hi, _ in cfg):
+      raise NotImplementedError("ONNX export: pad with interior or negative padding.")
+    pads = [int(lo) for lo, _, _ in cfg] + [int(hi) for _, hi, _ in cfg]
+    x = self.full_in(args[0], 0)
+    value = self.name_of(np.asarray(args[1], eqn.invars[0].aval.dtype))
+    return T(self.node("Pad", [x, self.const(np.asarray(pads, np.int64), "pads"), value]), shape)
+
   def op_squeeze(self, eqn, args, shape, tshape):
     x = self.full_in(args[0], 0)
     axes = self.const(np.asarray(eqn.params["dimensions"], np.int64), "axes")
@@ -385,7 +409,8 @@ class OnnxBackend:
       y = self.node("MatMul", [x, self.dq_weight(Kernel(q, w.zero_point, w.scale, w.shift), axis)])
       if np.any(w.shift):  # bias correction: shift * sum_k x_k
         s = self.node("ReduceSum", [x, self.const(np.asarray([-1], np.int64))], keepdims=1)
-        y = self.node("Add", [y, self.node("Mul", [s, self.const(w.shift.astype(np.float32))])])
+        # added after the layer's bias: MatMul -> Add(bias) is what ORT fuses
+        return T(y, shape, pending=self.node("Mul", [s, self.const(w.shift.astype(np.float32))]))
       return T(y, shape)
     rfree = [d for d in range(b_aval.ndim) if d not in rc and d not in rb]
     if nb and a_aval.ndim - nb - 1 != 1 or len(rfree) != 1:
@@ -460,8 +485,8 @@ def to_onnx(closed, twin, input_shape, num_classes: int, metadata: dict | None =
   shape = be.node("Shape", ["images"], "shape")
   be.batch = be.node("Slice", [shape, be.const(np.asarray([0], np.int64)),
                                be.const(np.asarray([1], np.int64))], "batch")
-  out = walk(closed.jaxpr, closed.consts, [T("images", tuple(input_shape))], be,
-             twin.jaxpr if twin is not None else None)[0]
+  out = be.settle(walk(closed.jaxpr, closed.consts, [T("images", tuple(input_shape))], be,
+                      twin.jaxpr if twin is not None else None)[0])
   logits = be.full(out, closed.jaxpr.outvars[0].aval.shape, twin.jaxpr.outvars[0].aval.shape
                    if twin is not None else closed.jaxpr.outvars[0].aval.shape)
   be.nodes.append(h.make_node("Identity", [logits], ["logits"]))

@@ -154,7 +154,7 @@ class MBConv(QuantPoint):
     h = x
     if e != 1:
       h = self.qpoint("expand_out", _relu6(PointwiseConv(cin * e, name="expand")(h)), aq)
-    dw = DepthwiseConv(k, stride, grouped=self.mode == "int", name="dw")
+    dw = DepthwiseConv(k, stride, grouped=self.mode == "int" or self.named_ops, name="dw")
     h = self.qpoint("dw_out", _relu6(dw(h)), aq)
     h = PointwiseConv(cout, name="project")(h)
     if stride == 1 and cin == cout:
