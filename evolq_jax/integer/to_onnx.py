@@ -37,11 +37,11 @@ INSTALL_HINT = "pip install 'evolq_jax[onnx]' (or: pip install onnx onnxruntime)
 
 
 def require_onnx():
+  """-> the onnx module, or an ImportError that says what to install."""
   try:
-    import onnx  # noqa: F401
+    import onnx
   except ImportError:
     raise ImportError(f"ONNX export needs the onnx package: {INSTALL_HINT}.") from None
-  import onnx
   return onnx
 
 
@@ -383,7 +383,6 @@ class OnnxBackend:
                                  arr(axes), arr([strides[i] for i in axes])]), shape)
 
   def op_split(self, eqn, args, shape, tshape):
-    in_shape = tuple(eqn.invars[0].aval.shape)
     x = self.full_in(args[0], 0)
     outs = [self.fresh("split") for _ in eqn.outvars]
     self.nodes.append(self.h.make_node(
