@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from evolq_jax.export import IntExport, model_configs
+from evolq_jax.integer.interpret import Kernel  # q, zero point, scale, shift; .real()
 from evolq_jax.integer.model import trace
 from evolq_jax.integer.walk import walk
 
@@ -59,14 +60,6 @@ class T:
   pending: str = None  # a term still to add (bias correction's), after the bias
 
 
-@dataclasses.dataclass
-class Kernel:
-  q: np.ndarray          # int8 (zero point 0) or uint8, (..., out)
-  zero_point: np.ndarray
-  scale: np.ndarray
-  shift: np.ndarray
-
-
 UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "tanh": "Tanh", "logistic": "Sigmoid",
          "sqrt": "Sqrt", "abs": "Abs", "sign": "Sign", "floor": "Floor", "ceil": "Ceil",
          "round": "Round", "erf": "Erf", "not": "Not"}
@@ -84,8 +77,8 @@ REDUCE = {"reduce_sum": "ReduceSum", "reduce_max": "ReduceMax", "reduce_min": "R
 
 
 class OnnxBackend:
-  def __init__(self, onnx):
-    self.onnx, self.h = onnx, onnx.helper
+  def __init__(self, onnx, log2_bits: int = 4):
+    self.onnx, self.h, self.log2_bits = onnx, onnx.helper, log2_bits
     self.nodes, self.inits, self._ids = [], [], itertools.count()
     self.batch = None  # int64 (1,): the input's batch size
 
@@ -108,13 +101,8 @@ class OnnxBackend:
     if isinstance(v, T):
       return v.name
     if isinstance(v, Kernel):
-      return self.const(self.kernel_real(v), "w")
+      return self.const(np.asarray(v.real(), np.float32), "w")
     return self.const(v)
-
-  @staticmethod
-  def kernel_real(k: Kernel) -> np.ndarray:
-    return ((k.q.astype(np.int32) - k.zero_point.astype(np.int32)) * k.scale + k.shift
-            ).astype(np.float32)
 
   def shape_tensor(self, shape, twin_shape, reshape: bool = False) -> str:
     """An int64 shape tensor; dims that differ in the twin trace scale with the batch."""
@@ -228,7 +216,7 @@ class OnnxBackend:
 
   def log2(self, x: str) -> str:
     """FQ-ViT's log2 quantizer (quant/log2.py) as float ops."""
-    bits = self._log2_bits
+    bits = self.log2_bits
     safe = self.node("Max", [x, self.const(np.float32(1e-30))])
     e = self.node("Round", [self.node("Neg", [self.node("Div", [
         self.node("Log", [safe]), self.const(np.float32(np.log(2.0)))])])])
@@ -478,8 +466,7 @@ def to_onnx(closed, twin, input_shape, num_classes: int, metadata: dict | None =
   """The traced "int" program (and its twin at another batch size) -> onnx.ModelProto
   with input "images" (batch, H, W, C) float32 and output "logits" (batch, classes)."""
   onnx = require_onnx()
-  be = OnnxBackend(onnx)
-  be._log2_bits = log2_bits
+  be = OnnxBackend(onnx, log2_bits)
   h = onnx.helper
   shape = be.node("Shape", ["images"], "shape")
   be.batch = be.node("Slice", [shape, be.const(np.asarray([0], np.int64)),
