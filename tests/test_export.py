@@ -230,7 +230,8 @@ def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
 def test_evolq_export_on_a_tiny_search_run(tmp_path, capsys):
   workdir = str(tmp_path / "run")
   sets = ["calib.num_images=100", "eval.limit=100", "eval.batch_size=100", "search.passes=1",
-          "search.generations=1", "search.children=1", "search.pool=2", "search.tournament=2"]
+          "search.generations=1", "search.children=1", "search.pool=2", "search.tournament=2",
+          "search.units=(-1,)"]
   assert main(["search", "--config", "configs/fixture_w3a8.py", "--workdir", workdir]
               + sum([["--set", s] for s in sets], [])) == 0
   assert main(["export", "--workdir", workdir]) == 0
