@@ -2,18 +2,39 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
-from evolq_jax.config import apply_overrides, base_config, load_config
+from evolq_jax.config import apply_overrides, base_config, load_config, run_config
 from evolq_jax.workdir import check_writable, lock
 
 DEMO_WORKDIR = "runs/demo"
+DATA_HELP = """data (--set data.*):
+  data.source   bundled (Fashion-MNIST, the fixture's) | idx | cifar10 | tfds |
+                image_folder | imagenet_sample
+  image_folder  data.dir=DIR holding DIR/<split>/<class>/<image>; the splits'
+                folders are data.train_split (default 'train') and
+                data.test_split (default 'validation', e.g. --set data.test_split=val).
+                Labels number the classes in the order of DIR/classes.txt (one folder
+                name per line) if it exists, else of the train split's class folders
+                sorted by name.
+"""
 
 
 def _config(args):
-  c = load_config(args.config)
+  """The config file's, or on --resume without --config the run's own (run.json);
+  then the --set overrides (on --resume they must agree with the run's config)."""
+  if args.config:
+    c = load_config(args.config)
+  elif getattr(args, "resume", False):
+    c = run_config(args.workdir)
+  else:
+    raise ValueError(f"evolq {args.command} needs --config configs/FILE.py[:arg] (or --resume "
+                     "with a --workdir that holds a run).")
   return apply_overrides(c, args.set)
 
 
@@ -112,11 +133,11 @@ def cmd_landscape(args):
         f"direction(s), {r['points']}{'x' + str(r['points']) if r['dims'] == 2 else ''} points, "
         f"a in [-{r['span']}, {r['span']}]")
   print(f"calibration {r['loss_name']}: {min(_flat(r['loss'])):.5f} .. {max(_flat(r['loss'])):.5f}"
-        f" (at a=0: {r['loss_at_zero']}); roughness {rough['second_difference']:.3f}, "
+        f" (at a=0: {r['loss_at_zero']:.5f}); roughness {rough['second_difference']:.3f}, "
         f"{rough['local_minima']} local minima")
   if r["top1"] is not None:
     print(f"test top-1 on {r['test_images']} images: {min(_flat(r['top1'])):.2f} .. "
-          f"{max(_flat(r['top1'])):.2f} % (at a=0: {r['top1_at_zero']})")
+          f"{max(_flat(r['top1'])):.2f} % (at a=0: {r['top1_at_zero']:.2f})")
   for path in r["paths"].values():
     print(f"  {path}")
 
@@ -138,7 +159,8 @@ def build_parser():
   sub = p.add_subparsers(dest="command", required=True)
 
   def add(name, fn, help_, config=True, workdir=None, resume=False, overwrite=False):
-    s = sub.add_parser(name, help=help_)
+    s = sub.add_parser(name, help=help_, description=help_, epilog=DATA_HELP if config else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     if resume:
       s.add_argument("--resume", action="store_true",
                      help="continue the run whose checkpoints are in --workdir (with its config)")
@@ -146,9 +168,13 @@ def build_parser():
       s.add_argument("--overwrite", action="store_true",
                      help="replace the results of another run in --workdir")
     if config:
-      s.add_argument("--config", required=True, help="configs/FILE.py[:arg]")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set quant.w_bits=4 (repeatable)")
+      s.add_argument("--config", required=not resume or name != "search",
+                     help="configs/FILE.py[:arg]" + (
+                         " (with --resume: the run's own config, from WORKDIR/run.json)"
+                         if resume and name == "search" else ""))
+    s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set quant.w_bits=4 search.passes=2 "
+                   "(several per --set, and --set repeatable)")
     s.add_argument("--workdir", required=workdir is None, default=workdir,
                    help="folder for outputs (one run writes there at a time)")
     s.add_argument("--debug", action="store_true",
@@ -198,24 +224,47 @@ def _one_line(text) -> str:
   return " ".join(str(text).split())
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler's kill, `timeout`, `docker stop`), raised like Ctrl-C so that
+  the run unwinds the same way: lock released, last checkpoint kept."""
+
+
+def _raise_terminated(signum, frame):
+  raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+  if threading.current_thread() is not threading.main_thread():  # signals go to the main thread
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
   args = build_parser().parse_args(argv)
-  if args.debug:
-    args.fn(args)
-    return 0
-  with warnings.catch_warnings():
-    warnings.showwarning = lambda message, *_, **__: print(
-        f"evolq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
-    try:
+  with _sigterm_as_interrupt():
+    if args.debug:
       args.fn(args)
-    except (ValueError, OSError, ImportError) as e:  # bad input: its message is the whole story
-      print(f"evolq {args.command}: error: {_one_line(e)}", file=sys.stderr)
-      return 2
-    except KeyboardInterrupt:
-      print(f"evolq {args.command}: interrupted"
-            + ("; --resume continues from the last checkpoint." if args.command == "search"
-               else "."), file=sys.stderr)
-      return 130
+      return 0
+    with warnings.catch_warnings():
+      warnings.showwarning = lambda message, *_, **__: print(
+          f"evolq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
+      try:
+        args.fn(args)
+      except (ValueError, OSError, ImportError) as e:  # bad input: its message is the whole story
+        print(f"evolq {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+      except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"evolq {args.command}: {'terminated (SIGTERM)' if term else 'interrupted'}"
+              + ("; --resume continues from the last checkpoint." if args.command == "search"
+                 else "."), file=sys.stderr)
+        return 143 if term else 130
   return 0
 
 

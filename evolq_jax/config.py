@@ -71,6 +71,44 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def config_from_dict(d: dict):
+  """A config recorded as JSON (a run's run.json) -> ConfigDict, on top of
+  base_config() so that the fields' types are the defaults' (JSON lists back
+  to tuples); fields the defaults lack (a config file's own) are kept."""
+  import ml_collections
+
+  def fill(node, values, prefix):
+    for key, value in values.items():
+      if isinstance(value, dict):
+        if key not in node:
+          node[key] = ml_collections.ConfigDict()
+        fill(node[key], value, f"{prefix}{key}.")
+      elif key in node and isinstance(node[key], tuple) and isinstance(value, list):
+        node[key] = tuple(value)
+      else:
+        try:
+          node[key] = value
+        except TypeError as e:
+          raise ValueError(f"recorded config field {prefix}{key}={value!r} does not fit this "
+                           f"version's field ({e}).") from None
+
+  c = base_config()
+  fill(c, d, "")
+  return c
+
+
+def run_config(workdir: str):
+  """The config a run in `workdir` recorded (its run.json): what `--resume` continues."""
+  import os
+
+  from evolq_jax.workdir import RUN_FILE, read_run
+  run = read_run(workdir)
+  if run is None:
+    raise ValueError(f"--resume: {workdir!r} holds no run ({os.path.join(workdir, RUN_FILE)} is "
+                     "missing): check --workdir, or start a new run there with --config.")
+  return config_from_dict(run.get("config", {}))
+
+
 def _parse_value(text: str):
   import ast
   try:

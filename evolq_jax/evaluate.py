@@ -34,12 +34,18 @@ def topk_accuracy(logits, labels, k: int) -> float:
   the `argmax` that a deployed model's user would apply."""
   k = min(k, logits.shape[-1])
   top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-  return 100.0 * float(np.mean(np.any(top == labels[:, None], axis=-1)))
+  return percent(np.any(top == labels[:, None], axis=-1))
+
+
+def percent(hits) -> float:
+  """100 x the mean of a boolean array, rounded to 6 decimals: a count over N
+  images, without float noise (89.6, not 89.60000000000001) in JSON and print."""
+  return round(100.0 * float(np.mean(hits)), 6)
 
 
 def classification_metrics(logits, labels, fp_logits=None) -> dict:
   """Percentages: top1, top5 and (with fp_logits) agreement = same top-1 as FP."""
   m = {"top1": topk_accuracy(logits, labels, 1), "top5": topk_accuracy(logits, labels, 5)}
   if fp_logits is not None:
-    m["agreement"] = 100.0 * float(np.mean(logits.argmax(-1) == fp_logits.argmax(-1)))
+    m["agreement"] = percent(logits.argmax(-1) == fp_logits.argmax(-1))
   return m

@@ -20,6 +20,7 @@ from evolq_jax.config import QuantConfig, quant_config, search_config
 from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
 from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
+from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
 from evolq_jax.workdir import code_version, open_run
@@ -69,6 +70,10 @@ def check_sizes(c, search: bool = False) -> None:
   _count(c, "eval.limit", 0, "test images; 0 = the whole test split")
   _count(c, "holdout.num_images", 0, "0 = no held-out selection")
   _count(c, "data.limit", 0, "0 = no limit")
+  alpha = c.holdout.alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
+    raise ValueError(f"holdout.alpha={alpha!r} must be a number in (0, 1]: the sign test's "
+                     "level (0.05 by default; 1.0 = keep the best pass without a test).")
   if n % b:
     raise ValueError(f"calib.num_images={n} is not a multiple of calib.batch_size={b}: "
                      f"calibration would drop the last {n % b} images. Use {n - n % b or b} or "
@@ -194,6 +199,9 @@ def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: i
   `test_limit` test images give the top-1 (0: no accuracy).
   """
   from evolq_jax import landscape as ls
+  if isinstance(test_limit, bool) or not isinstance(test_limit, int) or test_limit < 0:
+    raise ValueError(f"--test-limit {test_limit!r} must be an integer >= 0 (test images for "
+                     "the top-1; 0 = no accuracy).")
   qcfg, scfg = quant_config(c), search_config(c)
   cfg, params = load_model(c)
   b = ls.check_target(cfg, layer, block)  # fail before the slow steps
@@ -254,7 +262,8 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True,
   from evolq_jax.search import checkpoint as search_checkpoint
   start = time.time()
   check_sizes(c, search=True)
-  quant_config(c), search_config(c)  # every field, before any work
+  quant_config(c)  # every field, before any work, the searched units and layers included
+  search_config(c).space.searched_units(units(get_preset(c.model)))
   with open_run(workdir, "search", _config_dict(c), resume=resume, overwrite=overwrite):
     if resume:  # a damaged newest checkpoint: fall back (and say so) before calibrating
       search_checkpoint.newest_readable(workdir)

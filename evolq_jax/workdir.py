@@ -170,7 +170,10 @@ def _describe(run) -> str:
 
 def _check_resume(workdir: str, run, command: str, config: dict, found: list) -> None:
   if run is None:
-    if found:
+    if not found:  # a mistyped --workdir must not start a fresh run in silence
+      raise ValueError(f"--resume: {workdir!r} holds no run to continue (no {RUN_FILE}, no "
+                       "results): check --workdir, or drop --resume to start a new run there.")
+    else:
       warnings.warn(f"{workdir!r} has no {RUN_FILE} (made by an older evolq): --resume cannot "
                     "check that this config is the run's own.", stacklevel=4)
     return

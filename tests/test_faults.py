@@ -145,6 +145,42 @@ def test_1_resume_with_another_config_is_refused_naming_the_fields(reference, tm
   assert (workdir / "summary.json").read_text() == before
 
 
+def test_1b_resume_takes_the_runs_own_config_and_sets_must_agree(reference, tmp_path, capsys):
+  workdir = _copy(reference, tmp_path / "w")
+  before = json.loads((workdir / "summary.json").read_text())
+  capsys.readouterr()
+  # no --config: run.json's; a --set that changes the result is refused, naming it
+  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "quant.w_bits=4"]) == 2
+  err = _errors(capsys.readouterr().err, "search")
+  assert len(err) == 1 and "quant.w_bits (3 -> 4)" in err[0], err
+  # one that only changes speed is taken; the finished run is the same run
+  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "eval.batch_size=100",
+               "calib.batch_size=100"]) == 0
+  after = json.loads((workdir / "summary.json").read_text())
+  for key in ("final_top1", "fitness_final", "candidates_evaluated", "init_top1"):
+    assert after[key] == before[key], key
+  assert main(["search", "--workdir", str(tmp_path / "empty")]) == 2
+  assert "needs --config" in _errors(capsys.readouterr().err, "search")[0]
+
+
+def test_1c_sigterm_unwinds_like_ctrl_c(tmp_path):
+  workdir = tmp_path / "w"
+  dies = ("import os, signal, sys, time\n"
+          "import evolq_jax.pipeline as p\n"
+          "def calibrate(*a, **k):\n"
+          "  os.kill(os.getpid(), signal.SIGTERM)\n"
+          "  time.sleep(30)\n"
+          "p.calibrate = calibrate\n"
+          "from evolq_jax.cli import main\n"
+          "sys.exit(main(sys.argv[1:]))\n")
+  proc = subprocess.run([sys.executable, "-c", dies, "search", "--config", FIXTURE,
+                         "--workdir", str(workdir)] + _sets(TINY), cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 143, proc.stderr[-2000:]
+  assert "evolq search: terminated (SIGTERM); --resume continues" in proc.stderr
+  assert not (workdir / LOCK).exists() and (workdir / "run.json").exists()
+
+
 # ---------------------------------------------------------------- 2. one writer
 
 def test_2_a_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
@@ -216,6 +252,28 @@ def test_5_image_folder_labels_follow_the_train_classes(tmp_path):
   root = _image_folder(tmp_path / "c", {"train": TEN + ["c10", "c11"], "validation": TEN})
   with pytest.raises(ValueError, match=r"12 classes but model 'vit_fixture_patch4_28' has 10"):
     pipeline.load_data(_folder_config(root), cfg)
+  # A test split under another name: the error names the field that picks it.
+  root = _image_folder(tmp_path / "d", {"train": TEN, "val": TEN})
+  with pytest.raises(FileNotFoundError, match=r"data.test_split='validation'.*--set "
+                     r"data.test_split=val"):
+    pipeline.load_data(_folder_config(root), cfg)
+  assert len(pipeline.load_data(_folder_config(root, "data.test_split='val'"), cfg)["test"][1]) \
+      == 10
+  # --help says how splits and labels are found
+  from evolq_jax.cli import build_parser
+  helptext = build_parser()._subparsers._group_actions[0].choices["eval"].format_help()
+  assert "data.test_split (default 'validation'" in helptext and "classes.txt" in helptext
+
+
+def test_5b_set_takes_several_pairs_and_printed_figures_are_rounded():
+  from evolq_jax.cli import build_parser
+  from evolq_jax.evaluate import percent
+  args = build_parser().parse_args(["search", "--config", FIXTURE, "--workdir", "w", "--set",
+                                    "quant.w_bits=4", "search.passes=2", "--set", "seed=1"])
+  assert args.set == ["quant.w_bits=4", "search.passes=2", "seed=1"]
+  c = apply_overrides(load_config(FIXTURE), args.set)
+  assert (c.quant.w_bits, c.search.passes, c.seed) == (4, 2, 1)
+  assert repr(percent(np.array([True] * 896 + [False] * 104))) == "89.6"
 
 
 # ---------------------------------------------------------------- 6. sizes
@@ -258,10 +316,23 @@ def test_7_workdir_data_checkpoint_and_loss_batch_are_checked_before_calibration
       ("eval", tmp_path / "w2", ["data.source='idx'", f"data.dir='{tmp_path / 'none'}'"],
        str(tmp_path / "none")),
       ("eval", tmp_path / "w3", [f"checkpoint='{tmp_path / 'none.safetensors'}'"],
-       "none.safetensors")]:
+       "none.safetensors"),
+      ("search", tmp_path / "w4", ["search.units=(7,)"], "search.units"),
+      ("search", tmp_path / "w5", ["search.layers=('qkvv',)"], "qkvv"),
+      ("search", tmp_path / "w6", ["holdout.alpha=2.0"], "holdout.alpha=2.0"),
+      ("eval", tmp_path / "w7", ["holdout.alpha=0"], "holdout.alpha=0")]:
     assert _cli(command, workdir, sets=sets) == 2, says
     err = _errors(capsys.readouterr().err, command)
     assert len(err) == 1 and says in err[0], (says, err)
+  # a mistyped --workdir with --resume: an error, not a fresh run in silence
+  assert _cli("search", tmp_path / "typo", "--resume") == 2
+  err = _errors(capsys.readouterr().err, "search")
+  assert len(err) == 1 and "holds no run to continue" in err[0], err
+  assert not (tmp_path / "typo" / "run.json").exists()
+  assert main(["landscape", "--config", FIXTURE, "--workdir", str(tmp_path / "w8"), "--layer",
+               "qkv", "--test-limit", "-5"]) == 2
+  err = _errors(capsys.readouterr().err, "landscape")
+  assert len(err) == 1 and "--test-limit -5" in err[0], err
 
 
 # ---------------------------------------------------------------- 8. corrupt files

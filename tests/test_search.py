@@ -302,7 +302,8 @@ def test_sign_test_and_the_pick():
 
 @pytest.mark.parametrize("kw, message", [
     (dict(pool=1), "pool=1 must be >= 2"),
-    (dict(popsize=1), "popsize=1 must be >= 2"),
+    (dict(strategy="SNES", popsize=1), "popsize=1 must be >= 2"),
+    (dict(strategy="adam", lr=0.0), "lr=0.0 must be > 0"),
     (dict(strategy="SNES", children=4), "search.popsize"),
     (dict(strategy="adam", children=4), "set search.generations"),
     (dict(radius=-1e-3), "radius=-0.001 must be >= 0"),

@@ -119,13 +119,17 @@ def class_list(folder, data=None) -> tuple[list, str]:
   return names, origin
 
 
-def _image_folder(folder, split, model_cfg, limit, seed, data=None, exact=False):
+def _image_folder(folder, split, model_cfg, limit, seed, data=None, exact=False, field=None):
+  """field: the config field that named `split` (its error says which to change)."""
   from PIL import Image
   root = os.path.join(folder, split)
   if not os.path.isdir(root):
-    raise FileNotFoundError(
-        f"image folder {root!r} does not exist: expected DIR/{split}/<class>/<image> "
-        "(ImageNet layout). Set data.dir to the folder that holds the split folders.")
+    where = "set data.dir to the folder that holds the split folders."
+    hint = (f"{field}={split!r} names this split's folder (defaults: data.train_split='train', "
+            f"data.test_split='validation'): set it to the folder you have (e.g. --set "
+            f"{field}=val), or {where}" if field else where.capitalize())
+    raise FileNotFoundError(f"image folder {root!r} does not exist: expected "
+                            f"DIR/{split}/<class>/<image> (ImageNet layout). {hint}")
   present = _class_folders(root)
   if not present:
     raise FileNotFoundError(f"image folder {root!r} has no class sub-folders.")
@@ -257,7 +261,8 @@ def load_split(data, split: str, model_cfg, limit: int | None = None, seed: int 
     if not _get(data, "dir"):
       raise ValueError("data.source='image_folder' needs data.dir (a folder with split folders).")
     folder_split = _get(data, f"{split}_split") or split  # e.g. test_split="val"
-    return _image_folder(_get(data, "dir"), folder_split, model_cfg, limit, seed, data, exact)
+    return _image_folder(_get(data, "dir"), folder_split, model_cfg, limit, seed, data, exact,
+                         field=f"data.{split}_split")
   if source == "tfds":
     return _tfds(data, split, model_cfg, limit, seed, exact)
   if source == "cifar10":

@@ -27,15 +27,12 @@ from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, popu
 from evolq_jax.search.gradient import pass_lr
 from evolq_jax.search.settings import SearchConfig, SearchResult
 from evolq_jax.search.space import searched_scales, set_scales
-from evolq_jax.search.strategies import make_strategy, paper_radius
+from evolq_jax.search.strategies import build, paper_radius
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_strategy(scfg: SearchConfig, num_dims: int, radius: float):
-  s = make_strategy(scfg.strategy, num_dims, pool=scfg.pool, tournament=scfg.tournament,
-                    children=scfg.children, radius=radius,
-                    relative=scfg.step == "relative", popsize=scfg.popsize,
-                    sigma=scfg.sigma, param=scfg.param, lr=scfg.lr)
+  s = build(scfg, num_dims, radius)
   return s._replace(init=jax.jit(s.init), ask=jax.jit(s.ask), tell=jax.jit(s.tell))
 
 
@@ -131,7 +128,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     if not state["holdout"]:
       state["holdout"] = [selection.pass_record(0, init_correct, init_correct,
                                                 state["fitness_init"])]
-  per_unit = scfg.generations + (scfg.family == "gradient")  # + its last step's score
+  per_unit = scfg.generations + scfg.method.scores_last_step  # + its last step's score
   bar = tqdm(total=len(schedule) * per_unit, initial=state["position"] * per_unit,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):

@@ -12,11 +12,8 @@ from __future__ import annotations
 import dataclasses
 
 from evolq_jax.losses import LOSSES
-from evolq_jax.search.gradient import LR_SCHEDULES
 from evolq_jax.search.space import SearchSpace
-from evolq_jax.search.strategies import EVOSAX, GRADIENT, STRATEGIES, TOURNAMENT
-
-STEPS = ("absolute", "relative")
+from evolq_jax.search.strategies import method
 # Fields of earlier versions -> what replaced them (for a clear error).
 RENAMED = {
     "population": "search.pool (the tournament's pool, evolq) or search.popsize (an evosax "
@@ -59,43 +56,21 @@ class SearchConfig:
     object.__setattr__(self, "layers", tuple(self.layers))  # hashable: a jit static arg
     if isinstance(self.units, list):
       object.__setattr__(self, "units", tuple(self.units))
-    if self.strategy not in STRATEGIES:
-      raise ValueError(f"search.strategy={self.strategy!r} is unknown: expected one of "
-                       f"{STRATEGIES}.")
+    strategy = method(self.strategy)  # an unknown name: a ValueError listing the known ones
     if self.loss not in LOSSES:
       raise ValueError(f"search.loss={self.loss!r} is unknown: expected one of {LOSSES}.")
     if not self.temperature > 0:
       raise ValueError(f"search.temperature={self.temperature!r} must be > 0 (paper: 3.0).")
-    if self.pool < 2:
-      raise ValueError(f"search.pool={self.pool} must be >= 2 (paper: 15).")
-    if self.popsize < 2:
-      raise ValueError(f"search.popsize={self.popsize} must be >= 2.")
-    if self.radius < 0:
-      raise ValueError(f"search.radius={self.radius!r} must be >= 0 (0 = the paper's r).")
-    if self.step not in STEPS:
-      raise ValueError(f"search.step={self.step!r} is unknown: expected one of {STEPS}.")
-    if self.step == "relative" and self.radius == 0:
-      raise ValueError("search.step='relative' needs search.radius > 0, a fraction of each "
-                       "scale (e.g. 0.0346: a uniform step with the std of evosax's sigma=0.02).")
-    if not self.sigma > 0 or not self.lr > 0:
-      raise ValueError(f"search.sigma={self.sigma!r} and search.lr={self.lr!r} must be > 0.")
-    if self.lr_schedule not in LR_SCHEDULES:
-      raise ValueError(f"search.lr_schedule={self.lr_schedule!r} is unknown: expected one of "
-                       f"{LR_SCHEDULES} (cosine lowers search.lr over the passes).")
     if self.chunk < 0 or self.memory_mb < 0 or self.devices < 0:
       raise ValueError(f"search.chunk={self.chunk}, search.memory_mb={self.memory_mb} and "
                        f"search.devices={self.devices} must be >= 0 (0 = default).")
     if self.chunk and self.memory_mb:
       raise ValueError(f"search.chunk={self.chunk} and search.memory_mb={self.memory_mb} are "
                        "both set: give a fixed chunk or a memory budget to choose it, not both.")
-    for name in ("passes", "generations", "children", "loss_batch", "tournament"):
+    for name in ("passes", "generations", "loss_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"search.{name}={getattr(self, name)!r} must be >= 1.")
-    if self.children != 1 and self.strategy not in TOURNAMENT:
-      raise ValueError(
-          f"search.children={self.children} applies to the tournament strategies {TOURNAMENT}; "
-          f"{self.strategy!r} takes " + ("search.popsize (its lambda)." if self.strategy in EVOSAX
-                                         else "one step a generation: set search.generations."))
+    strategy.check(self)  # the settings the strategy reads: its own checks
     SearchSpace(self.layers, self.acts, self.units)  # checks them
 
   @property
@@ -103,13 +78,17 @@ class SearchConfig:
     return SearchSpace(self.layers, self.acts, self.units)
 
   @property
+  def method(self):
+    """The strategy's registry entry (strategies.REGISTRY)."""
+    return method(self.strategy)
+
+  @property
   def family(self) -> str:
-    return ("tournament" if self.strategy in TOURNAMENT else
-            "gradient" if self.strategy in GRADIENT else "evosax")
+    return self.method.family
 
   @property
   def evaluations_per_generation(self) -> int:
-    return {"tournament": self.children, "evosax": self.popsize, "gradient": 1}[self.family]
+    return self.method.per_generation(self)
 
 
 @dataclasses.dataclass

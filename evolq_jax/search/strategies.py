@@ -11,11 +11,17 @@
 `evolq` is the paper's tournament search, made generation-parallel: each
 generation breeds `children` (lambda) children scored in one batched pass;
 children=1 is the reference's steady-state cycle. Every evosax algorithm is
-wrapped the same way, searching in a parameterization relative to the block's
+wrapped the same way, searching in a parameterization relative to the unit's
 starting scales (log by default) so that step sizes are relative.
+
+Every strategy name is a `Method` in REGISTRY (as evosax registers its
+algorithms): its family, the check of the settings it reads, how it is built
+from a SearchConfig, how many evaluations a generation costs, and whether its
+last step is scored after the loop. A new strategy is one `register` call.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -27,8 +33,8 @@ from evolq_jax.search import gradient
 TOURNAMENT = ("evolq", "random")
 EVOSAX = ("Sep_CMA_ES", "CMA_ES", "SNES", "Open_ES", "SimpleGA", "xNES", "PGPE", "MA_ES")
 GRADIENT = gradient.METHODS
-STRATEGIES = TOURNAMENT + EVOSAX + GRADIENT
 PARAMS = ("log", "relative")
+STEPS = ("absolute", "relative")
 
 
 def _identity(state, x):
@@ -174,19 +180,121 @@ def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float
   return Strategy(init, ask, tell, population_size)
 
 
+# --- the registry ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a strategy name owns (the engine and SearchConfig ask it, by name)."""
+  name: str
+  family: str               # "tournament" | "evosax" | "gradient"
+  build: Callable           # (scfg, num_dims, radius) -> Strategy
+  check: Callable           # scfg -> None; a ValueError names the search.* field
+  per_generation: Callable  # scfg -> candidates scored per generation
+  needs_grad: bool = False
+  scores_last_step: bool = False  # its last update is scored once more after the loop
+
+
+REGISTRY: dict = {}
+
+
+def register(method: Method) -> Method:
+  REGISTRY[method.name] = method
+  return method
+
+
+def method(name: str) -> Method:
+  if name not in REGISTRY:
+    raise ValueError(f"search.strategy={name!r} is unknown: expected one of {tuple(REGISTRY)}.")
+  return REGISTRY[name]
+
+
+def _at_least(scfg, minimum: int, *names) -> None:
+  for name in names:
+    if getattr(scfg, name) < minimum:
+      raise ValueError(f"search.{name}={getattr(scfg, name)!r} must be >= {minimum}"
+                       + (" (paper: 15)." if name == "pool" else "."))
+
+
+def _check_tournament(scfg) -> None:
+  _at_least(scfg, 2, "pool")
+  _at_least(scfg, 1, "tournament", "children")
+  if scfg.radius < 0:
+    raise ValueError(f"search.radius={scfg.radius!r} must be >= 0 (0 = the paper's r).")
+  if scfg.step not in STEPS:
+    raise ValueError(f"search.step={scfg.step!r} is unknown: expected one of {STEPS}.")
+  if scfg.step == "relative" and scfg.radius == 0:
+    raise ValueError("search.step='relative' needs search.radius > 0, a fraction of each "
+                     "scale (e.g. 0.0346: a uniform step with the std of evosax's sigma=0.02).")
+
+
+def _one_child(scfg, instead: str) -> None:
+  if scfg.children != 1:
+    raise ValueError(f"search.children={scfg.children} applies to the tournament strategies "
+                     f"{TOURNAMENT}; {scfg.strategy!r} takes {instead}")
+
+
+def _check_evosax(scfg) -> None:
+  _one_child(scfg, "search.popsize (its lambda).")
+  _at_least(scfg, 2, "popsize")
+  if not scfg.sigma > 0:
+    raise ValueError(f"search.sigma={scfg.sigma!r} must be > 0 (relative step size, e.g. 0.02).")
+  if scfg.param not in PARAMS:
+    raise ValueError(f"search.param={scfg.param!r} is unknown: expected one of {PARAMS}.")
+
+
+def _check_gradient(scfg) -> None:
+  _one_child(scfg, "one step a generation: set search.generations.")
+  if not scfg.lr > 0:
+    raise ValueError(f"search.lr={scfg.lr!r} must be > 0.")
+  if scfg.lr_schedule not in gradient.LR_SCHEDULES:
+    raise ValueError(f"search.lr_schedule={scfg.lr_schedule!r} is unknown: expected one of "
+                     f"{gradient.LR_SCHEDULES} (cosine lowers search.lr over the passes).")
+
+
+register(Method("evolq", "tournament",
+                lambda s, dims, radius: evolq(s.pool, s.tournament, s.children, radius,
+                                              s.step == "relative"),
+                _check_tournament, lambda s: s.children))
+register(Method("random", "tournament",
+                lambda s, dims, radius: random_search(s.children, radius, s.step == "relative"),
+                _check_tournament, lambda s: s.children))
+for _name in EVOSAX:
+  register(Method(_name, "evosax",
+                  lambda s, dims, radius, _name=_name: evosax_strategy(_name, s.popsize, dims,
+                                                                       s.sigma, s.param),
+                  _check_evosax, lambda s: s.popsize))
+for _name in GRADIENT:
+  register(Method(_name, "gradient",
+                  lambda s, dims, radius, _name=_name: Strategy(
+                      *gradient.optax_strategy(_name, s.lr), population_size=1,
+                      to_scales=gradient.to_scales, needs_grad=True),
+                  _check_gradient, lambda s: 1, needs_grad=True, scores_last_step=True))
+STRATEGIES = tuple(REGISTRY)
+
+
+def build(scfg, num_dims: int, radius: float) -> Strategy:
+  """The strategy `scfg.strategy` with scfg's settings, on num_dims scales."""
+  return method(scfg.strategy).build(scfg, num_dims, radius)
+
+
 def make_strategy(name: str, num_dims: int, *, pool: int = 15, tournament: int = 10,
                   children: int = 1, radius: float = 1e-3, relative: bool = False,
                   popsize: int = 15, sigma: float = 0.02, param: str = "log",
                   lr: float = 0.02) -> Strategy:
-  """A strategy by name: 'evolq', 'random', an evosax algorithm in EVOSAX, or a
-  gradient baseline in GRADIENT."""
-  if name == "evolq":
-    return evolq(pool, tournament, children, radius, relative)
-  if name == "random":
-    return random_search(children, radius, relative)
-  if name in GRADIENT:
-    return Strategy(*gradient.optax_strategy(name, lr), population_size=1,
-                    to_scales=gradient.to_scales, needs_grad=True)
-  if name not in EVOSAX:
-    raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
-  return evosax_strategy(name, popsize, num_dims, sigma, param)
+  """A strategy by name with explicit settings (the registry's, without a SearchConfig)."""
+  settings = _Settings(name, pool, tournament, children, radius,
+                       "relative" if relative else "absolute", popsize, sigma, param, lr)
+  return method(name).build(settings, num_dims, radius)
+
+
+class _Settings(NamedTuple):
+  strategy: str
+  pool: int
+  tournament: int
+  children: int
+  radius: float
+  step: str
+  popsize: int
+  sigma: float
+  param: str
+  lr: float
