@@ -18,7 +18,7 @@ the commits that ran them (extra.resumed). Runs that another --resume process
 wrote to the same JSON meanwhile are kept. --report
 rewrites the tables and plots from the JSON alone (--merge adds the runs
 of other result files, e.g. a grid split over machines by --settings/--name). The same script runs on an
-ImageNet config (e.g. configs/deit_small.py:W4A8 with data and checkpoint set).
+ImageNet config (e.g. configs/imagenet.py:deit_small,W4A8 with data and checkpoint set).
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ from evolq_jax.search import checkpoint as ckpt
 from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.models.forward import units
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
+from evolq_jax.workdir import write_json
 from accuracy_plans import (PLANS, REGIME, SEARCHES, equal_passes, evaluations,
                             hardest_setting)
 
@@ -321,9 +322,7 @@ def _save(payload, name, merge=False):
     mine = {_key(r) for r in payload["runs"]}
     payload["runs"] += [r for r in _runs_on_disk(name, payload.get("budget"))
                         if _key(r) not in mine]
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2)  # as write_results: a rewrite of the same runs changes no byte
-  os.replace(path + ".tmp", path)
+  write_json(path, payload)  # as write_results: a rewrite of the same runs changes no byte
   return payload
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
+
+from evolq_jax.workdir import write_atomic, write_json
 
 # EVOLQ_RESULTS redirects every script's output (the tests use it).
 RESULTS = os.environ.get("EVOLQ_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
@@ -43,8 +44,6 @@ def code_key(*paths: str) -> str:
 
 def write_results(name: str, payload: dict, markdown: str) -> None:
   os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-    json.dump(payload, f, indent=2)
-  with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
-    f.write(markdown)
+  write_json(os.path.join(RESULTS, f"{name}.json"), payload)
+  write_atomic(os.path.join(RESULTS, f"{name}.md"), markdown)
   print(markdown)

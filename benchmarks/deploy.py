@@ -36,6 +36,7 @@ from common import RESULTS, git_commit, write_results
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
 from evolq_jax.deploy import export_run
+from evolq_jax.evaluate import batched
 from evolq_jax.export import build_export, save_export
 from evolq_jax.integer import int_forward, int_logits
 from evolq_jax.integer.to_onnx import export_onnx, fp_onnx, save_onnx
@@ -86,8 +87,7 @@ def session(path_or_bytes, threads: int = 2, profile: str | None = None):
 
 
 def ort_logits(sess, images, batch: int = 100) -> np.ndarray:
-  return np.concatenate([sess.run(None, {"images": np.asarray(images[i:i + batch], np.float32)})[0]
-                         for i in range(0, len(images), batch)])
+  return batched(lambda x: sess.run(None, {"images": x})[0], np.asarray(images, np.float32), batch)
 
 
 # --- parity --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import threading
 import warnings
 
 from evolq_jax.config import apply_overrides, base_config, load_config, run_config
-from evolq_jax.workdir import check_writable, lock
+from evolq_jax.workdir import held
 
 DEMO_WORKDIR = "runs/demo"
 DATA_HELP = """data (--set data.*):
@@ -42,8 +42,7 @@ def _locked(fn):
   """fn(args) as the only writer of args.workdir (eval and search lock in the pipeline);
   export too, so that it never reads a run that is still writing its results."""
   def run(args):
-    check_writable(args.workdir)
-    with lock(args.workdir):
+    with held(args.workdir):
       return fn(args)
   return run
 
@@ -126,10 +125,10 @@ def cmd_landscape(args):
   c = _config(args)
   if args.seed is not None:
     c.seed = args.seed
-  r = run_landscape(c, args.workdir, args.layer, args.block, args.dims, args.direction,
+  r = run_landscape(c, args.workdir, args.layer, args.unit, args.dims, args.direction,
                     args.points, args.span, args.test_limit, args.channel)
   rough = r["roughness"]
-  print(f"{r['model']} {r['setting']}: block {r['block']} {r['layer']}, {r['direction']} "
+  print(f"{r['model']} {r['setting']}: unit {r['block']} {r['layer']}, {r['direction']} "
         f"direction(s), {r['points']}{'x' + str(r['points']) if r['dims'] == 2 else ''} points, "
         f"a in [-{r['span']}, {r['span']}]")
   print(f"calibration {r['loss_name']}: {min(_flat(r['loss'])):.5f} .. {max(_flat(r['loss'])):.5f}"
@@ -152,6 +151,25 @@ def cmd_export(args):
 
 def _flat(grid):
   return [v for row in grid for v in row] if grid and isinstance(grid[0], list) else grid
+
+
+def _RenamedTo(new: str):
+  """An argparse action for an old option name: stores into the new one's dest, with a
+  warning that names the new one."""
+  class Renamed(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+      print(f"evolq: warning: {option_string} is renamed {new}; {option_string} will go.",
+            file=sys.stderr)
+      setattr(namespace, self.dest, values)
+  return Renamed
+
+
+def _family_layers() -> str:
+  """Each registered family's layer names (from its units), for --help."""
+  from evolq_jax.models.registry import FAMILIES
+  return "; ".join(f"{f.name}: " + " | ".join(sorted({l.name for p in f.presets
+                                                       for u in f.units(p) for l in u.layers}))
+                   for f in FAMILIES.values())
 
 
 def build_parser():
@@ -193,9 +211,12 @@ def build_parser():
   s = add("landscape", _locked(cmd_landscape), "calibration loss and test top-1 on a 1D/2D grid of "
           "perturbations of one layer's weight scales; writes landscape.{png,json}")
   s.add_argument("--layer", required=True,
-                 help="a layer of the unit: ViT/DeiT/Swin qkv | proj | fc1 | fc2, LeViT also "
-                 "q | kv in downsampling units (a wrong name lists the unit's layers)")
-  s.add_argument("--block", type=int, default=None, help="block index (default: the last)")
+                 help=f"a layer of the unit ({_family_layers()}; a wrong name lists the unit's "
+                 "own layers)")
+  s.add_argument("--unit", type=int, default=None,
+                 help="unit index (a ViT block, an MBConv block, ...; default: the last)")
+  s.add_argument("--block", type=int, dest="unit", action=_RenamedTo("--unit"),
+                 help=argparse.SUPPRESS)
   s.add_argument("--dims", type=int, default=1, help="1: a line, 2: a grid")
   s.add_argument("--direction", default="random",
                  help="random (unit-RMS relative) | basis (one output channel's scale)")

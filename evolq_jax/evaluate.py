@@ -1,23 +1,35 @@
 """Metrics: top-1, top-5 and top-1 agreement with the full-precision model."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 
-def batched_logits(fn, images, batch_size: int = 500, desc: str | None = None) -> np.ndarray:
-  """Apply a jitted `fn(images) -> logits` batch by batch; -> float32 (N, classes).
-
-  The last batch is padded to batch_size so `fn` compiles once.
-  """
+def batched(fn, images, batch_size: int = 500, desc: str | None = None, host: bool = True,
+            axis: int = 0, pad: bool = True):
+  """The package's one batched forward: fn applied to `images` batch by batch ->
+  the outputs concatenated along `axis` (fn's batch axis), as numpy (host) or
+  as device arrays (host=False: e.g. prefix activations that stay on the
+  accelerator). pad: the last batch is padded to batch_size so that fn
+  compiles once (off: it runs at its own size)."""
+  xp = np if isinstance(images, np.ndarray) else jnp
   out = []
   for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
     batch = images[i:i + batch_size]
     n = len(batch)
-    if n < batch_size:
-      batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, 0)])
-    out.append(np.asarray(fn(batch))[:n])
-  logits = np.concatenate(out).astype(np.float32)
+    if pad and n < batch_size:
+      batch = xp.concatenate([batch, xp.repeat(batch[-1:], batch_size - n, 0)])
+    y = fn(batch)
+    y = y[(slice(None),) * axis + (slice(0, n),)]
+    out.append(np.asarray(y) if host else y)
+  return np.concatenate(out, axis) if host else jnp.concatenate(out, axis)
+
+
+def batched_logits(fn, images, batch_size: int = 500, desc: str | None = None) -> np.ndarray:
+  """Apply a jitted `fn(images) -> logits` batch by batch; -> float32 (N, classes),
+  checked finite."""
+  logits = batched(fn, images, batch_size, desc).astype(np.float32)
   if not np.all(np.isfinite(logits)):
     raise ValueError("the model produced NaN/inf logits: check the checkpoint, the input "
                      "normalization and the quantization parameters.")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evolq_jax.evaluate import batched
 from evolq_jax.losses import batched_loss, get_loss
 from evolq_jax.models.forward import quantize_params, units
 from evolq_jax.search import fitness
@@ -35,7 +36,7 @@ def check_target(cfg, layer: str, block: int | None) -> int:
   us = units(cfg)
   block = len(us) - 1 if block is None else block
   if not 0 <= block < len(us):
-    raise ValueError(f"block {block} is out of range: model {cfg.name!r} has searchable units "
+    raise ValueError(f"unit {block} is out of range: model {cfg.name!r} has searchable units "
                      f"0..{len(us) - 1}.")
   names = [l.name for l in us[block].layers]
   if layer not in names:
@@ -122,16 +123,12 @@ def population_logits(cfg, qcfg, block, layout, population, params, qparams, ima
   """Logits (P, N, classes) of each candidate, images in batches of `batch_size`."""
   fq = quantize_params(qcfg, params, qparams)
   batch_size = min(batch_size, len(images))
-  out = []
-  for i in range(0, len(images), batch_size):
-    x = np.asarray(images[i:i + batch_size])
-    n = len(x)
-    if n < batch_size:  # pad: one compiled shape
-      x = np.concatenate([x, np.repeat(x[-1:], batch_size - n, 0)])
+
+  def logits(x):
     tokens = fitness.prefix_activations(cfg, qcfg, params, qparams, x, block, batch_size)
-    out.append(np.asarray(_population_logits(cfg, qcfg, block, layout, chunk, population, params,
-                                             fq, qparams, tokens))[:, :n])
-  return np.concatenate(out, axis=1)
+    return _population_logits(cfg, qcfg, block, layout, chunk, population, params, fq, qparams,
+                              tokens)
+  return batched(logits, np.asarray(images), batch_size, axis=1)
 
 
 def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int | None = None,

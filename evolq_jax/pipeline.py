@@ -23,7 +23,7 @@ from evolq_jax.models import fp_logits, get_preset, init_params, load_params, qu
 from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
-from evolq_jax.workdir import code_version, open_run
+from evolq_jax.workdir import code_version, open_run, write_atomic, write_json
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
 
@@ -214,13 +214,6 @@ def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: i
   return result
 
 
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # never a half-written summary
-
-
 def _config_dict(c) -> dict:
   """The run's config as plain JSON values (what run.json records and compares)."""
   return json.loads(json.dumps(c.to_dict(), default=str))
@@ -247,7 +240,7 @@ def _eval(c, workdir, progress, start) -> dict:
   if workdir:
     summary["code"] = code_version()
     save_qparams(os.path.join(workdir, QPARAMS_FILE), qparams)  # for `evolq export`
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -288,8 +281,8 @@ def _search(c, workdir, resume, progress, start) -> dict:
     summary.update({"holdout_images": int(len(data["holdout"][0])),
                     "selected_pass": result.selected_pass, "holdout": result.holdout,
                     "last_pass_top1": last["top1"]})
-  with open(os.path.join(workdir, "history.jsonl"), "w") as f:
-    f.writelines(json.dumps(h) + "\n" for h in result.history)
+  write_atomic(os.path.join(workdir, "history.jsonl"),
+               "".join(json.dumps(h) + "\n" for h in result.history))
   plot_fitness(result.history, os.path.join(workdir, "fitness.png"),
                f"{cfg.name} {qcfg.name}: {scfg.strategy} / {scfg.loss}", result.fitness_init)
   summary.update({
@@ -300,7 +293,7 @@ def _search(c, workdir, resume, progress, start) -> dict:
       "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
       "seconds": round(time.time() - start, 2), "code": code_version()})
   save_qparams(os.path.join(workdir, QPARAMS_FILE), result.qparams)  # for `evolq export`
-  _write_json(os.path.join(workdir, "summary.json"), summary)
+  write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

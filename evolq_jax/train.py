@@ -21,8 +21,10 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from evolq_jax.data import load_split
+from evolq_jax.evaluate import batched, percent
 from evolq_jax.models import get_preset, model_for
 from evolq_jax.models.checkpoint import load_params, save_params
+from evolq_jax.workdir import write_atomic, write_json
 
 STATE_FILE, RECORD_FILE = "train_state.msgpack", "train_record.json"
 
@@ -61,25 +63,16 @@ def make_steps(model, tx, augment: bool, pad: int = 2, label_smoothing: float = 
 
 
 def accuracy(predict, params, images, labels, batch_size=1000) -> float:
-  hits = sum(int(jnp.sum(predict(params, images[i:i + batch_size]) == labels[i:i + batch_size]))
-             for i in range(0, len(images), batch_size))
-  return 100.0 * hits / len(images)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  return percent(batched(lambda x: predict(params, x), images, batch_size) == np.asarray(labels))
 
 
 def _save_state(workdir, params, opt_state, key, rng, history, recipe):
   """Everything a resumed run needs; the record is written last and names the epoch."""
   state = {"params": params, "opt_state": opt_state, "key": jax.random.key_data(key)}
-  _write_atomic(os.path.join(workdir, STATE_FILE), serialization.to_bytes(state))
+  write_atomic(os.path.join(workdir, STATE_FILE), serialization.to_bytes(state))
   record = {"epoch": len(history), "recipe": recipe, "rng": rng.bit_generator.state,
             "history": history}
-  _write_atomic(os.path.join(workdir, RECORD_FILE), json.dumps(record, indent=1).encode())
+  write_atomic(os.path.join(workdir, RECORD_FILE), json.dumps(record, indent=1).encode())
 
 
 def _load_state(workdir, template, recipe):
@@ -154,6 +147,5 @@ def train(config, workdir: str, resume: bool = False) -> dict:
     _save_state(workdir, params, opt_state, key, rng, history, recipe)
   summary = {"model": cfg.name, "epochs": t.epochs, "test_top1": history[-1]["test_top1"],
              "seconds": history[-1]["seconds"], "recipe": t.to_dict(), "history": history}
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  write_json(os.path.join(workdir, "train_summary.json"), summary)
   return summary

@@ -152,11 +152,20 @@ def read_run(workdir: str):
                      f"{workdir!r}, or choose another --workdir.") from None
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # never a half-written file
+def write_atomic(path: str, data) -> str:
+  """Write bytes or text to `path` through a temporary file and a rename: a
+  reader (or a killed run) never sees half a file. The one writer of the
+  package's result files. -> path."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
+  os.replace(tmp, path)
+  return path
+
+
+def write_json(path: str, obj, indent: int = 2) -> str:
+  """`obj` as JSON, atomically (write_atomic); the same object writes the same bytes."""
+  return write_atomic(path, json.dumps(obj, indent=indent))
 
 
 def _describe(run) -> str:
@@ -193,6 +202,15 @@ def _check_resume(workdir: str, run, command: str, config: dict, found: list) ->
 
 
 @contextlib.contextmanager
+def held(workdir: str):
+  """`workdir` made if needed, checked writable, and locked for the block: how
+  every command that writes a run folder holds it (open_run adds run.json)."""
+  check_writable(workdir)
+  with lock(workdir):
+    yield
+
+
+@contextlib.contextmanager
 def open_run(workdir: str, command: str, config: dict, resume: bool = False,
              overwrite: bool = False):
   """Check and lock `workdir` for a run, record it (run.json), and hold the lock
@@ -201,8 +219,7 @@ def open_run(workdir: str, command: str, config: dict, resume: bool = False,
   if resume and overwrite:
     raise ValueError("--resume continues the run in --workdir and --overwrite replaces it: "
                      "pass one of them.")
-  check_writable(workdir)
-  with lock(workdir):
+  with held(workdir):
     run = None if overwrite else read_run(workdir)  # --overwrite: even an unreadable one goes
     found = results(workdir)
     if resume:
@@ -217,7 +234,7 @@ def open_run(workdir: str, command: str, config: dict, resume: bool = False,
         path = os.path.join(workdir, name)
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     if not resume or run is None:
-      _write_json(os.path.join(workdir, RUN_FILE),
+      write_json(os.path.join(workdir, RUN_FILE),
                   {"command": command, "config": config, "code": code_version(),
                    "started": _now()})
     yield

@@ -15,7 +15,6 @@ from PIL import Image
 from evolq_jax.data import load_split
 from evolq_jax.data.transforms import resize_center_crop
 from evolq_jax.models import get_preset
-from evolq_jax.models.interface import TRANSFORMS as FAMILY_TRANSFORMS
 
 FIXTURE = "vit_fixture_patch4_28"
 
@@ -215,7 +214,12 @@ def _make_image_folder(root, split="train", gray=False, seed=0):
   return expected
 
 
-@pytest.mark.parametrize("model", ["deit_tiny_patch16_224", "vit_base_patch16_224"])
+# timm's pretrained_cfg of each model (crop_pct, mean, std): the independent reference
+TIMM_DEFAULTS = {"deit_tiny_patch16_224": (0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                 "vit_base_patch16_224": (0.9, (0.5,) * 3, (0.5,) * 3)}
+
+
+@pytest.mark.parametrize("model", sorted(TIMM_DEFAULTS))
 def test_image_folder_resize_crop_normalize(tmp_path, model):
   cfg = get_preset(model)
   ref = _make_image_folder(tmp_path)
@@ -223,9 +227,9 @@ def test_image_folder_resize_crop_normalize(tmp_path, model):
   assert x.shape == (len(CLASSES) * len(SIZES), 224, 224, 3) and x.dtype == np.float32
   assert y.dtype == np.int32
   assert y.tolist() == [label for label, _ in ref] == [0] * 4 + [1] * 4 + [2] * 4
-  t = FAMILY_TRANSFORMS[model.split("_")[0]]
+  crop_pct, mean, std = TIMM_DEFAULTS[model]
   for i, (_, img) in enumerate(ref):
-    want = _expected(img, 224, t["crop_pct"], t["mean"], t["std"])
+    want = _expected(img, 224, crop_pct, mean, std)
     np.testing.assert_allclose(x[i], want, rtol=0, atol=1e-5)
 
 

@@ -123,7 +123,7 @@ def test_roughness_separates_smooth_from_jagged():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layer": "attn"}, "layer 'attn' is unknown"),
-    ({"layer": "qkv", "block": 2}, "block 2 is out of range"),
+    ({"layer": "qkv", "block": 2}, "unit 2 is out of range"),
     ({"layer": "qkv", "direction": "sideways"}, "direction 'sideways' is unknown"),
     ({"layer": "qkv", "dims": 3}, "dims=3"),
     ({"layer": "qkv", "direction": "basis", "channels": (999,)}, "channel 999 is out of range"),
@@ -154,8 +154,10 @@ def test_command_writes_png_and_json(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--layer", "mlp"], ("layer 'mlp' is unknown in unit 5 of 'vit_fixture_patch4_28': expected "
                           "one of ['qkv', 'proj', 'fc1', 'fc2']")),
-    (["--layer", "qkv", "--block", "6"], ("block 6 is out of range: model 'vit_fixture_patch4_28' "
+    (["--layer", "qkv", "--unit", "6"], ("unit 6 is out of range: model 'vit_fixture_patch4_28' "
      "has searchable units 0..5")),
+    (["--layer", "qkv", "--block", "6"], "--block is renamed --unit"),  # the old name: a warning
+    (["--layer", "qkv", "--block", "6"], "unit 6 is out of range"),
     (["--layer", "qkv", "--direction", "basis", "--dims", "2", "--channel", "3", "3"],
      "expected 2 distinct channel indices"),
     (["--layer", "proj", "--direction", "basis", "--channel", "96"], "channel 96 is out of range"),
@@ -170,5 +172,5 @@ def test_command_bad_layer_or_block_is_a_clear_error(tmp_path, capsys, args, mes
             + args)
   assert rc == 2
   err = capsys.readouterr().err
-  assert "evolq landscape: error:" in err and message in err
+  assert "evolq landscape: error:" in err and message in err, err
   assert not (tmp_path / "landscape.json").exists()

@@ -260,14 +260,14 @@ def _image_folder(root, per_class=2):
 
 
 def test_levit_search_command_end_to_end(tmp_path, capsys):
-  """configs/levit_128s.py:W4A8 with random weights on 4 generated JPEGs; two of
+  """configs/imagenet.py:levit_128s,W4A8 with random weights on 4 generated JPEGs; two of
   its 11 units searched (search.units), a downsampling one among them."""
   _image_folder(tmp_path / "data")
   sets = ["checkpoint=random", "data.source=image_folder", f"data.dir={tmp_path / 'data'}",
           "calib.num_images=4", "calib.batch_size=4", "eval.limit=4", "eval.batch_size=4",
           "search.passes=1", "search.generations=1", "search.children=1", "search.loss_batch=4",
           "search.units=(6,-1)"]
-  args = ["search", "--config", "configs/levit_128s.py:W4A8", "--workdir", str(tmp_path / "run")]
+  args = ["search", "--config", "configs/imagenet.py:levit_128s,W4A8", "--workdir", str(tmp_path / "run")]
   assert main(args + sum([["--set", s] for s in sets], [])) == 0, capsys.readouterr().err
   s = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert s["model"] == "levit_128s" and (s["w_bits"], s["a_bits"]) == (4, 8)

@@ -57,16 +57,24 @@ def test_overrides_and_config_files():
     apply_overrides(base_config(), ["quant.w_bits"])
   with pytest.raises(ValueError, match="W<bits>A<bits>"):
     bits_config("8bit", "vit_fixture_patch4_28")
-  assert load_config("configs/deit_small.py:W3A8").quant.w_bits == 3
-  for name in ("fixture_w8a8", "fixture_w4a8", "fixture_w3a8", "deit_tiny", "deit_small",
-               "deit_base", "vit_base"):
+  c = load_config("configs/imagenet.py:deit_small,W3A8")
+  assert (c.model, c.quant.w_bits, c.data.source) == ("deit_small_patch16_224", 3, "tfds")
+  c = load_config("configs/imagenet.py:bits=W4A4,model=swin_tiny")
+  assert (c.model, c.quant.w_bits, c.quant.a_bits) == ("swin_tiny_patch4_window7_224", 4, 4)
+  assert load_config("configs/imagenet.py:levit_128").model == "levit_128"  # exact name first
+  for arg, says in [("levit_12", "unknown"), ("deit", "ambiguous"), ("depth=3", "'depth'")]:
+    with pytest.raises(ValueError, match=says):
+      load_config(f"configs/imagenet.py:{arg}")
+  for name in ("fixture_w8a8", "fixture_w4a8", "fixture_w3a8", "imagenet", "cifar10",
+               "efficientnet_lite0"):
     get_preset(load_config(f"configs/{name}.py").model)
   with pytest.raises(FileNotFoundError):
     load_config("configs/nope.py")
 
 
 def test_timm_config_without_checkpoint_says_what_to_set(tmp_path, capsys):
-  assert main(["eval", "--config", "configs/deit_tiny.py", "--workdir", str(tmp_path)]) == 2
+  assert main(["eval", "--config", "configs/imagenet.py:deit_tiny", "--workdir",
+               str(tmp_path)]) == 2
   assert "--set checkpoint=PATH" in capsys.readouterr().err
 
 

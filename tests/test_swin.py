@@ -225,7 +225,7 @@ def test_swin_tiny_search_cli_end_to_end(tmp_path, capsys):
   test JPEGs."""
   _jpeg_folder(tmp_path / "data")
   start = time.time()
-  rc = main(["search", "--config", "configs/swin_tiny.py:W4A8", "--workdir",
+  rc = main(["search", "--config", "configs/imagenet.py:swin_tiny,W4A8", "--workdir",
              str(tmp_path / "run"), "--set", "checkpoint=random",
              "--set", "data.source=image_folder", "--set", f"data.dir={tmp_path / 'data'}",
              "--set", "calib.num_images=4", "--set", "calib.batch_size=2",

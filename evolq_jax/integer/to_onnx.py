@@ -32,6 +32,7 @@ from evolq_jax.export import IntExport, model_configs
 from evolq_jax.integer.interpret import Kernel  # q, zero point, scale, shift; .real()
 from evolq_jax.integer.model import trace
 from evolq_jax.integer.walk import walk
+from evolq_jax.workdir import write_atomic
 
 OPSET = 21
 INSTALL_HINT = "pip install 'evolq_jax[onnx]' (or: pip install onnx onnxruntime)"
@@ -532,7 +533,4 @@ def save_onnx(path: str, model) -> str:
   onnx = require_onnx()
   onnx.checker.check_model(model)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  onnx.save(model, tmp)
-  os.replace(tmp, path)
-  return path
+  return write_atomic(path, model.SerializeToString())

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from evolq_jax.models.fold import fold_bn_after
-from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
+from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Transform, Unit,
                                         check_unit_range)
 from evolq_jax.quant.recipe import fqvit_rules
 
@@ -279,5 +279,8 @@ def pip_checkpoint(model: str) -> str:
   return found[0]
 
 
+# the pip package's / timm's Lite preprocessing: crop 224/256, (x - 127) / 128 on 0..255 pixels
+TRANSFORMS = (Transform("lite", 224 / 256, "bicubic", (127 / 255,) * 3, (128 / 255,) * 3),)
+
 FAMILY = Family("efficientnet", EfficientNetLite, PRESETS, units, act_rules, candidate_bytes,
-                TIMM_TABLE, prepare)
+                TIMM_TABLE, prepare, TRANSFORMS)

@@ -3,7 +3,8 @@ know about a model, and nothing more.
 
 A family (ViT/DeiT, Swin, LeViT, ...) is one module under `models/` that
 defines a `Family`:
-  - its presets (frozen `ModelConfig` subclasses, timm's names);
+  - its presets (frozen `ModelConfig` subclasses, timm's names) and the
+    preprocessing they name (`Transform`s);
   - its Linen module, built as `module(config=cfg, mode=..., quant=qcfg,
     rules=...)`, called as `module.apply({"params": p}, x, aq,
     first_unit=0, last_unit=None)`: `first_unit=b` takes the activations
@@ -36,18 +37,19 @@ from evolq_jax.quant.recipe import QuantConfig, rule_for
 from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
 
 MODES = ("fp", "calib", "quant", "quant_ste", "int")
-# Per-preprocessing transforms (timm's defaults): crop fraction, interpolation, mean/std.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TRANSFORMS = {
-    "deit": dict(crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "vit": dict(crop_pct=0.9, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3),
-    "fixture": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.2860,), std=(0.3530,)),
-    "cifar10": dict(crop_pct=1.0, interpolation="bilinear", mean=(0.4914, 0.4822, 0.4465),
-                    std=(0.2470, 0.2435, 0.2616)),
-    "lite": dict(crop_pct=224 / 256, interpolation="bicubic", mean=(127 / 255,) * 3, std=(128 / 255,) * 3),
-    "levit": dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    "swin": dict(crop_pct=0.9, interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD),
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  """A named preprocessing (timm's defaults for its models): resize the short
+  side to img_size / crop_pct, center-crop img_size, normalize by mean/std.
+  A family lists the ones its presets name (`Family.transforms`)."""
+  name: str
+  crop_pct: float
+  interpolation: str  # "bicubic" | "bilinear"
+  mean: tuple
+  std: tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +63,18 @@ class ModelConfig:
 
   @property
   def transform(self) -> dict:
-    if self.preprocess not in TRANSFORMS:
-      raise ValueError(f"model {self.name!r}: preprocess={self.preprocess!r} is unknown: expected "
-                       f"one of {sorted(TRANSFORMS)} (a new one is a TRANSFORMS entry in "
-                       "evolq_jax/models/interface.py).")
-    return TRANSFORMS[self.preprocess]
+    """This preset's preprocessing (its family's Transform named `preprocess`), as a
+    dict: crop_pct, interpolation, mean, std."""
+    from evolq_jax.models.registry import family_of  # the registry imports the families
+    family = family_of(self)
+    known = {t.name: t for t in family.transforms}
+    if self.preprocess not in known:
+      raise ValueError(f"model {self.name!r}: preprocess={self.preprocess!r} is unknown to "
+                       f"family {family.name!r}: expected one of {sorted(known)} (a new one is "
+                       f"a Transform in the family's `transforms`).")
+    t = dataclasses.asdict(known[self.preprocess])
+    del t["name"]
+    return t
 
   def check_images(self, shape):
     want = (self.img_size, self.img_size, self.in_chans)
@@ -108,6 +117,7 @@ class Family:
   candidate_bytes: Callable      # (cfg, unit index, loss batch, itemsize) -> bytes
   timm_table: tuple = ()         # (timm regex, flax template, conversion) rows
   prepare: Optional[Callable] = None  # (flat converted params, cfg) -> flat params
+  transforms: tuple = ()         # the Transforms its presets name (ModelConfig.preprocess)
 
 
 class NamedLayerNorm(nn.Module):

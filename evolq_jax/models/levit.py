@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from evolq_jax.models.fold import fold_bn_after, fold_bn_before
-from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
-                                        check_unit_range)
+from evolq_jax.models.interface import (IMAGENET_MEAN, IMAGENET_STD, Family, Layer, ModelConfig,
+                                        QuantPoint, Transform, Unit, check_unit_range)
 from evolq_jax.quant.recipe import fqvit_rules
 
 STEM_STRIDE = 16  # timm's Stem16: four stride-2 3x3 convs
@@ -319,4 +319,7 @@ def prepare(flat: dict, cfg: LevitConfig) -> dict:
   return out
 
 
-FAMILY = Family("levit", Levit, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE, prepare)
+TRANSFORMS = (Transform("levit", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
+
+FAMILY = Family("levit", Levit, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE, prepare,
+                TRANSFORMS)

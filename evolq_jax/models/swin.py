@@ -35,8 +35,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
-                                        check_unit_range)
+from evolq_jax.models.interface import (IMAGENET_MEAN, IMAGENET_STD, Family, Layer, ModelConfig,
+                                        QuantPoint, Transform, Unit, check_unit_range)
 from evolq_jax.models.vit import Mlp
 from evolq_jax.quant.recipe import fqvit_rules
 
@@ -326,5 +326,7 @@ TIMM_TABLE = (
     (r"head(\.fc)?\.bias", "head/bias", "same"),
 )
 
+TRANSFORMS = (Transform("swin", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
+
 FAMILY = Family("swin", SwinTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                prepare)
+                prepare, TRANSFORMS)

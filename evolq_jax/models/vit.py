@@ -18,8 +18,8 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from evolq_jax.models.interface import (Family, Layer, ModelConfig, QuantPoint, Unit,
-                                        check_unit_range)
+from evolq_jax.models.interface import (IMAGENET_MEAN, IMAGENET_STD, Family, Layer, ModelConfig,
+                                        QuantPoint, Transform, Unit, check_unit_range)
 from evolq_jax.quant.recipe import fqvit_rules
 
 LN_EPS = 1e-6
@@ -174,4 +174,12 @@ TIMM_TABLE = (
     (r"head\.bias", "head/bias", "same"),
 )
 
-FAMILY = Family("vit", VisionTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE)
+TRANSFORMS = (
+    Transform("deit", 0.875, "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    Transform("vit", 0.9, "bicubic", (0.5,) * 3, (0.5,) * 3),
+    Transform("fixture", 1.0, "bilinear", (0.2860,), (0.3530,)),  # Fashion-MNIST's statistics
+    Transform("cifar10", 1.0, "bilinear", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+)
+
+FAMILY = Family("vit", VisionTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
+                transforms=TRANSFORMS)

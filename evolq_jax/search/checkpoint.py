@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from evolq_jax.workdir import write_json
+
 KEEP = 2
 UNREADABLE = "checkpoints.unreadable"
 MANIFEST = "evolq_manifest.json"  # size + sha256 of every file of a finished step
@@ -62,10 +64,7 @@ def _files(step_dir: str) -> dict:
 
 
 def _write_manifest(step_dir: str) -> None:
-  files, tmp = _files(step_dir), os.path.join(step_dir, MANIFEST + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(files, f)
-  os.replace(tmp, os.path.join(step_dir, MANIFEST))
+  write_json(os.path.join(step_dir, MANIFEST), _files(step_dir), indent=None)
 
 
 def _damage(step_dir: str):

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evolq_jax.evaluate import batched
 from evolq_jax.losses import batched_loss, get_loss, loss_batches
 from evolq_jax.models.forward import fp_logits, model_for, quantize_params, quantized_logits
 from evolq_jax.models.registry import family_of
@@ -35,8 +36,8 @@ def _prefix(cfg, qcfg, unit, fq_params, acts, images):
 
 
 def in_batches(fn, images, batch_size):
-  return jnp.concatenate([fn(images[i:i + batch_size])
-                          for i in range(0, len(images), batch_size)])
+  """fn over images in batches, on the device (evaluate.batched, unpadded)."""
+  return batched(fn, images, batch_size, host=False, pad=False)
 
 
 def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: int,
