@@ -1,5 +1,5 @@
 """What the speed scripts share: the benchmark's quant setting, timing and memory
-probes, analytic FLOPs, the full-forward loss of one candidate, result records."""
+probes, FLOPs (models/cost.py), the full-forward loss of one candidate, result records."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from evolq_jax.config import QuantConfig
 from evolq_jax.losses import get_loss
 from evolq_jax.models import quantized_logits
+from evolq_jax.models.cost import forward_flops  # noqa: F401 (the benchmarks' FLOP count)
 from evolq_jax.search import set_scales
 
 QCFG = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
@@ -73,18 +74,6 @@ def device_peak_mib():
 
 
 # --- FLOPs (analytic) -----------------------------------------------------------
-
-def block_flops(cfg) -> int:
-  """Matmul FLOPs of one encoder block on one image."""
-  t, d = cfg.num_patches + 1, cfg.embed_dim
-  return 2 * t * d * (3 * d + d + 2 * cfg.mlp_hidden) + 2 * 2 * t * t * d
-
-
-def forward_flops(cfg, first_block: int = 0) -> int:
-  """Per image: blocks first_block..end + head, + patch embedding when from images."""
-  embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.in_chans * cfg.embed_dim
-  head = 2 * cfg.embed_dim * cfg.num_classes
-  return (embed if first_block == 0 else 0) + (cfg.depth - first_block) * block_flops(cfg) + head
 
 
 

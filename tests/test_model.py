@@ -106,3 +106,27 @@ def test_presets_match_timm_shapes():
                              "vit_base_patch16_224": (768, 12)}.items():
     cfg = get_preset(name)
     assert (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.num_patches) == (dim, heads, 12, 196)
+
+
+def test_forward_cost_counts_every_matmul_of_every_family():
+  """models/cost.py against independent counts: the ViT formula by hand, and the
+  MACs the Swin and LeViT papers state for their models."""
+  from evolq_jax.models import get_preset
+  from evolq_jax.models.cost import forward_cost, forward_flops, layer_macs
+  cfg = get_preset("vit_fixture_patch4_28")
+  t, d, h = cfg.num_patches + 1, cfg.embed_dim, cfg.mlp_hidden
+  block = 2 * t * d * (3 * d + d + 2 * h) + 2 * 2 * t * t * d  # 4 linears + q@k^T + probs@v
+  embed = 2 * cfg.num_patches * cfg.patch_size ** 2 * cfg.in_chans * d
+  head = 2 * d * cfg.num_classes
+  assert forward_cost(cfg)["units"] == (block,) * cfg.depth
+  assert forward_flops(cfg) == embed + cfg.depth * block + head
+  assert forward_flops(cfg, 4) == 2 * block + head
+  macs = layer_macs(cfg)
+  assert macs[("blocks_0", "attn", "qkv")] == t * d * 3 * d and macs[("head",)] == d * 10
+  assert len(macs) == 2 + 4 * cfg.depth
+  # Swin-T: 4.5 GMACs (Liu et al., 2021); LeViT-128S: 305 M (Graham et al., 2021)
+  for name, gmacs in (("swin_tiny_patch4_window7_224", 4.5), ("levit_128s", 0.305)):
+    assert forward_flops(get_preset(name)) / 2e9 == pytest.approx(gmacs, rel=0.01), name
+  # EfficientNet-Lite0: its depthwise convolutions count (one grouped conv each)
+  lite = get_preset("efficientnet_lite0")
+  assert forward_flops(lite) / 2 == sum(layer_macs(lite).values())
