@@ -21,14 +21,13 @@ from evolq_jax.models.convert import expected_shapes, timm_to_flax_flat
 from evolq_jax.models.efficientnet import depthwise_conv, pip_checkpoint, units
 from evolq_jax.quant.weights import kernel_paths
 
-from conftest import check_population_fitness
 
 LITE0 = get_preset("efficientnet_lite0")
 # Every block kind: no expansion + residual, stride 2, kernel 5 + residual, stride 2 at the end.
 TINY = dataclasses.replace(LITE0, img_size=32, num_classes=10, stem=8, head=32, stages=(
     (1, 3, 1, 1, 8, 8), (2, 5, 2, 4, 8, 16), (1, 3, 2, 6, 16, 24)))
 QCFG = QuantConfig(w_bits=4, a_bits=8)
-N, LB = 40, 20
+N = 40
 
 
 def _torch_state(name):
@@ -101,20 +100,6 @@ def test_efficientnet_layout_every_conv_and_block_output(tiny):
       ("dw", "project")] + [("expand", "dw", "project")] * 3
   q = quantized_logits(TINY, QCFG, params, qparams, x)
   assert bool(jnp.all(jnp.isfinite(q))) and float(jnp.abs(q - fp_logits(TINY, params, x)).max()) > 0
-
-
-@pytest.mark.parametrize("unit", [1, 2, 3])
-def test_efficientnet_prefix_forward_equals_the_full_forward(tiny, unit):
-  params, x, qparams = tiny
-  feats = quantized_logits(TINY, QCFG, params, qparams, x, last_unit=unit)
-  np.testing.assert_allclose(
-      quantized_logits(TINY, QCFG, params, qparams, feats, first_unit=unit),
-      quantized_logits(TINY, QCFG, params, qparams, x), atol=1e-5)
-
-
-@pytest.mark.parametrize("unit", [0, 2])
-def test_efficientnet_population_fitness_equals_a_loop_and_the_full_forward(tiny, unit):
-  check_population_fitness(TINY, QCFG, tiny, unit, LB)
 
 
 def test_efficientnet_sample_split_is_seeded_disjoint_and_keeps_the_labels():

@@ -1,0 +1,99 @@
+"""The checks every registered family must pass, run over the registry on a
+tiny random-weight preset of each (conftest.tiny_config). A new family gets
+them by registering; its own test file keeps only its quirks (timm parity,
+layouts, converters)."""
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import check_population_fitness, tiny_config
+from flax import traverse_util
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.export import build_export, load_export, save_export
+from evolq_jax.models import calibration_stats, init_params, quantized_logits
+from evolq_jax.models.forward import act_rules, units
+from evolq_jax.models.registry import FAMILIES
+from evolq_jax.quant.recipe import QuantConfig, reference_init, rule_for
+
+N, LB = 8, 4  # images; loss batch of the population check
+QCFG = reference_init(QuantConfig(w_bits=4, a_bits=8))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+  cfg = tiny_config(request.param)
+  params = init_params(cfg, jax.random.key(0))
+  k1, k2 = jax.random.split(jax.random.key(1))  # images of different contrast
+  x = np.asarray(jax.random.normal(k1, (N, cfg.img_size, cfg.img_size, cfg.in_chans))
+                 * jax.random.uniform(k2, (N, 1, 1, 1), minval=0.3, maxval=2.0))
+  return cfg, params, x, calibrate(cfg, QCFG, params, x, batch_size=N, progress=False)
+
+
+def test_prefix_then_suffix_is_the_full_forward(family):
+  """The prefix cache is exact: the activations entering unit b, run from b, give
+  the full forward's logits, at every unit."""
+  cfg, params, x, qparams = family
+  run = jax.jit(lambda x, first, last: quantized_logits(
+      cfg, QCFG, params, qparams, x, first_unit=first, last_unit=last), static_argnums=(1, 2))
+  full = np.asarray(run(x, 0, None))
+  n = len(units(cfg))
+  for b in range(1, n + 1):
+    np.testing.assert_allclose(run(run(x, 0, b), b, None), full, atol=1e-5, err_msg=f"unit {b}")
+  if n >= 3:  # a middle range composes too
+    np.testing.assert_allclose(run(run(x, 0, 1), 1, 3), run(x, 0, 3), atol=1e-5)
+
+
+def _richest_unit(cfg) -> int:
+  """The first unit with the most layers: a stage's first block with its
+  downsampling (Swin, LeViT), an MBConv block with its expansion."""
+  return max(units(cfg), key=lambda u: (len(u.layers), -u.index)).index
+
+
+def test_population_equals_a_loop_and_the_full_forward(family):
+  """The vmapped population fitness = one candidate at a time on the cached prefix
+  = the full forward with the candidate's scales, in float64. Without PTF: a
+  residual quantized by PTF and then by a uniform point on the same range puts
+  values exactly on half steps, where programs that sum in another order may
+  round apart (LeViT's postblocks)."""
+  cfg, params, x, _ = family
+  qcfg = dataclasses.replace(QCFG, ptf=False)
+  qparams = calibrate(cfg, qcfg, params, x, batch_size=N, progress=False)
+  unit = _richest_unit(cfg)
+  layout = check_population_fitness(cfg, qcfg, (params, x, qparams), unit, LB,
+                                    layers=("attn", "mlp"))
+  searched = {path[-1] for kind, path, _ in layout if kind == "weights"}
+  assert searched == {l.name for l in units(cfg)[unit].layers}  # every layer of the unit
+
+
+def test_every_point_has_a_rule_and_every_rule_a_point(family):
+  """The recipe's patterns and the family's point names agree: a renamed point
+  must not silently lose its PTF or log2 quantizer."""
+  cfg, params, x, qparams = family
+  stats = jax.eval_shape(lambda: calibration_stats(cfg, params, x[:2])[1]["stats"])
+  points = [k for k in traverse_util.flatten_dict(stats, sep="/")]
+  assert jax.tree.structure(jax.tree.map(lambda a: 0, stats)) == jax.tree.structure(
+      jax.tree.map(lambda d: 0, qparams.acts, is_leaf=lambda d: "scale" in d))
+  for qcfg in (QCFG, dataclasses.replace(QCFG, log2_softmax=True)):
+    rules = act_rules(cfg, qcfg)
+    used = {rule_for(rules, p).pattern for p in points}
+    assert used == {r.pattern for r in rules}, f"rules matching no point: " \
+        f"{sorted({r.pattern for r in rules} - used)}"
+  ptf = [p for p in points if rule_for(act_rules(cfg, QCFG), p).quantizer == "ptf"]
+  flat = traverse_util.flatten_dict(qparams.acts, sep="/")
+  assert all(np.ndim(flat[p + "/scale"]) == 1 for p in ptf)  # PTF points: per channel
+
+
+def test_every_kernel_is_quantized_and_the_export_round_trips(family, tmp_path):
+  cfg, params, x, qparams = family
+  kernels = {p[:-1] for p in traverse_util.flatten_dict(params) if p[-1] == "kernel"}
+  assert {p[:-1] for p in traverse_util.flatten_dict(qparams.weights)} == kernels
+  export = build_export(cfg, QCFG, params, qparams)
+  path = str(tmp_path / "model_int.safetensors")
+  save_export(path, export)
+  again = load_export(path)
+  assert again.manifest == json.loads(json.dumps(export.manifest))  # JSON: tuples read as lists
+  assert sorted(again.arrays) == sorted(export.arrays)
+  assert all(np.array_equal(again.arrays[k], v) for k, v in export.arrays.items())
