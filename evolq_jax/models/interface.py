@@ -52,6 +52,9 @@ class Transform:
   std: tuple
 
 
+_TRANSFORMS: dict = {}  # name -> Transform, filled by the families as they are defined
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """What every preset has: a name, its input and its classes."""
@@ -65,14 +68,11 @@ class ModelConfig:
   def transform(self) -> dict:
     """This preset's preprocessing (its family's Transform named `preprocess`), as a
     dict: crop_pct, interpolation, mean, std."""
-    from evolq_jax.models.registry import family_of  # the registry imports the families
-    family = family_of(self)
-    known = {t.name: t for t in family.transforms}
-    if self.preprocess not in known:
-      raise ValueError(f"model {self.name!r}: preprocess={self.preprocess!r} is unknown to "
-                       f"family {family.name!r}: expected one of {sorted(known)} (a new one is "
-                       f"a Transform in the family's `transforms`).")
-    t = dataclasses.asdict(known[self.preprocess])
+    if self.preprocess not in _TRANSFORMS:
+      raise ValueError(f"model {self.name!r}: preprocess={self.preprocess!r} is unknown: "
+                       f"expected one of {sorted(_TRANSFORMS)} (a new one is a Transform in "
+                       "its family's `transforms`).")
+    t = dataclasses.asdict(_TRANSFORMS[self.preprocess])
     del t["name"]
     return t
 
@@ -118,6 +118,13 @@ class Family:
   timm_table: tuple = ()         # (timm regex, flax template, conversion) rows
   prepare: Optional[Callable] = None  # (flat converted params, cfg) -> flat params
   transforms: tuple = ()         # the Transforms its presets name (ModelConfig.preprocess)
+
+  def __post_init__(self):  # a family's preprocessing is known by name once it exists
+    for t in self.transforms:
+      if _TRANSFORMS.get(t.name, t) != t:
+        raise ValueError(f"family {self.name!r}: Transform {t.name!r} is already defined "
+                         f"otherwise ({_TRANSFORMS[t.name]}): give it another name.")
+      _TRANSFORMS[t.name] = t
 
 
 class NamedLayerNorm(nn.Module):
