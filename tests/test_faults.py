@@ -163,21 +163,26 @@ def test_1b_resume_takes_the_runs_own_config_and_sets_must_agree(reference, tmp_
   assert "needs --config" in _errors(capsys.readouterr().err, "search")[0]
 
 
+def _search_process(workdir, calibrate: str):
+  """`evolq search` (the fixture, TINY) in a subprocess whose calibration is
+  `calibrate` (a statement run instead of it: a signal, say). -> (process, stderr)."""
+  script = ("import os, signal, sys, time\n"
+            "import evolq_jax.pipeline as p\n"
+            f"def calibrate(*a, **k):\n  {calibrate}\n"
+            "p.calibrate = calibrate\n"
+            "from evolq_jax.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+  proc = subprocess.Popen([sys.executable, "-c", script, "search", "--config", FIXTURE,
+                           "--workdir", str(workdir)] + _sets(TINY), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return proc, proc.communicate(timeout=300)[1]
+
+
 def test_1c_sigterm_unwinds_like_ctrl_c(tmp_path):
   workdir = tmp_path / "w"
-  dies = ("import os, signal, sys, time\n"
-          "import evolq_jax.pipeline as p\n"
-          "def calibrate(*a, **k):\n"
-          "  os.kill(os.getpid(), signal.SIGTERM)\n"
-          "  time.sleep(30)\n"
-          "p.calibrate = calibrate\n"
-          "from evolq_jax.cli import main\n"
-          "sys.exit(main(sys.argv[1:]))\n")
-  proc = subprocess.run([sys.executable, "-c", dies, "search", "--config", FIXTURE,
-                         "--workdir", str(workdir)] + _sets(TINY), cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 143, proc.stderr[-2000:]
-  assert "evolq search: terminated (SIGTERM); --resume continues" in proc.stderr
+  proc, err = _search_process(workdir, "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+  assert proc.returncode == 143, err[-2000:]
+  assert "evolq search: terminated (SIGTERM); --resume continues" in err
   assert not (workdir / LOCK).exists() and (workdir / "run.json").exists()
 
 
@@ -437,15 +442,7 @@ def test_11_bit_width_errors_name_the_field(tmp_path, capsys):
 def test_killed_during_calibration_then_resumed_equals_uninterrupted(reference, tmp_path,
                                                                       capsys):
   workdir = tmp_path / "w"
-  dies = ("import os, signal, sys\n"
-          "import evolq_jax.pipeline as p\n"
-          "p.calibrate = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-          "from evolq_jax.cli import main\n"
-          "sys.exit(main(sys.argv[1:]))\n")
-  proc = subprocess.Popen([sys.executable, "-c", dies, "search", "--config", FIXTURE,
-                           "--workdir", str(workdir)] + _sets(TINY), cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _, err = proc.communicate(timeout=300)
+  proc, err = _search_process(workdir, "os.kill(os.getpid(), signal.SIGKILL)")
   assert proc.returncode == -signal.SIGKILL, err[-2000:]
   assert (workdir / LOCK).read_text().startswith(f"pid {proc.pid} ")  # left by the dead run
   capsys.readouterr()
