@@ -14,6 +14,7 @@ import dataclasses
 from evolq_jax.losses import LOSSES
 from evolq_jax.search.space import SearchSpace
 from evolq_jax.search.strategies import method
+
 # Fields of earlier versions -> what replaced them (for a clear error).
 RENAMED = {
     "population": "search.pool (the tournament's pool, evolq) or search.popsize (an evosax "
