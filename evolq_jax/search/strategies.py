@@ -64,12 +64,8 @@ class EvolQState(NamedTuple):
 
 def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
           radius: float = 1e-3, relative: bool = False) -> Strategy:
-  if pool_size < 2 or tournament < 1 or children < 1:
-    raise ValueError(f"evolq needs population >= 2, tournament >= 1, children >= 1; got "
-                     f"population={pool_size}, tournament={tournament}, children={children}.")
-  if not radius > 0:
-    raise ValueError(f"search.radius={radius!r} must be > 0 (the paper: 1e-3 at 3/4-bit, "
-                     "1e-4 at 8-bit; 0 picks those).")
+  """The paper's tournament search (settings checked by its registry entry)."""
+  _check_radius(radius)
 
   def init(key, scales0, fitness0):
     return EvolQState(jnp.tile(scales0[None], (pool_size, 1)),
@@ -91,6 +87,14 @@ def evolq(pool_size: int = 15, tournament: int = 10, children: int = 1,
   return Strategy(init, ask, tell, children)
 
 
+def _check_radius(radius: float) -> None:
+  """The step the tournament strategies are built with: the engine turns
+  search.radius=0 into the paper's r before building."""
+  if not radius > 0:
+    raise ValueError(f"search.radius={radius!r} must be > 0 (the paper: 1e-3 at 3/4-bit, "
+                     "1e-4 at 8-bit; 0 picks those).")
+
+
 def _mutate(key, parents, radius: float, relative: bool):
   """|parent + U(-r, r)| (the paper's absolute step), or |parent * (1 + U(-r, r))|."""
   noise = jax.random.uniform(key, parents.shape, minval=-radius, maxval=radius)
@@ -100,9 +104,7 @@ def _mutate(key, parents, radius: float, relative: bool):
 def random_search(children: int = 1, radius: float = 1e-3, relative: bool = False) -> Strategy:
   """The no-selection baseline: every child is |start + U(-r, r)|, the same
   mutation as `evolq`'s but always around the block's starting scales."""
-  if children < 1 or not radius > 0:
-    raise ValueError(f"random search needs children >= 1 and radius > 0; got "
-                     f"children={children}, radius={radius!r}.")
+  _check_radius(radius)
 
   def init(key, scales0, fitness0):
     return scales0
@@ -134,15 +136,7 @@ def _decode(param, z, scales0):
 def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float = 0.02,
                     param: str = "log") -> Strategy:
   """An evosax algorithm on z, with scales = scales0 * exp(z) (or * (1 + z))."""
-  import evosax.algorithms as algorithms
-  if name not in EVOSAX:
-    raise ValueError(f"strategy={name!r} is unknown: expected one of {STRATEGIES}.")
-  if param not in PARAMS:
-    raise ValueError(f"search.param={param!r} is unknown: expected one of {PARAMS}.")
-  if population_size < 2:
-    raise ValueError(f"search.population={population_size} must be >= 2.")
-  if not sigma > 0:
-    raise ValueError(f"search.sigma={sigma!r} must be > 0 (relative step size, e.g. 0.02).")
+  import evosax.algorithms as algorithms  # settings checked by its registry entry
   cls = getattr(algorithms, name)
   dummy = jnp.zeros((num_dims,))
   population_based = name == "SimpleGA"
@@ -190,7 +184,6 @@ class Method:
   build: Callable           # (scfg, num_dims, radius) -> Strategy
   check: Callable           # scfg -> None; a ValueError names the search.* field
   per_generation: Callable  # scfg -> candidates scored per generation
-  needs_grad: bool = False
   scores_last_step: bool = False  # its last update is scored once more after the loop
 
 
@@ -268,7 +261,7 @@ for _name in GRADIENT:
                   lambda s, dims, radius, _name=_name: Strategy(
                       *gradient.optax_strategy(_name, s.lr), population_size=1,
                       to_scales=gradient.to_scales, needs_grad=True),
-                  _check_gradient, lambda s: 1, needs_grad=True, scores_last_step=True))
+                  _check_gradient, lambda s: 1, scores_last_step=True))
 STRATEGIES = tuple(REGISTRY)
 
 
@@ -284,7 +277,9 @@ def make_strategy(name: str, num_dims: int, *, pool: int = 15, tournament: int =
   """A strategy by name with explicit settings (the registry's, without a SearchConfig)."""
   settings = _Settings(name, pool, tournament, children, radius,
                        "relative" if relative else "absolute", popsize, sigma, param, lr)
-  return method(name).build(settings, num_dims, radius)
+  m = method(name)
+  m.check(settings)  # the same checks as a SearchConfig's
+  return m.build(settings, num_dims, radius)
 
 
 class _Settings(NamedTuple):
@@ -298,3 +293,4 @@ class _Settings(NamedTuple):
   sigma: float
   param: str
   lr: float
+  lr_schedule: str = "constant"
