@@ -36,7 +36,7 @@ from common import RESULTS, git_commit, write_results
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
 from evolq_jax.deploy import export_run
-from evolq_jax.evaluate import batched
+from evolq_jax.evaluate import batched, percent, topk_accuracy
 from evolq_jax.export import build_export, save_export
 from evolq_jax.integer import int_forward, int_logits
 from evolq_jax.integer.to_onnx import export_onnx, fp_onnx, save_onnx
@@ -127,8 +127,10 @@ def parity_case(case: str, log) -> dict:
   other = 100 if c.eval.batch_size != 100 else 50
   fq_other = predict(cfg, params, images, qcfg, qparams, batch_size=other)
   ol = ort_logits(session(onnx_path), images)
-  il = int_logits(build_export(cfg, qcfg, params, qparams), images, 100)
-  top1 = lambda lg: 100.0 * float(np.mean(lg.argmax(-1) == labels))  # noqa: E731
+  export = build_export(cfg, qcfg, params, qparams)
+  il = int_logits(export, images, 100)
+  top1 = lambda lg: topk_accuracy(lg, labels, 1)  # noqa: E731  (the runs' own metric)
+  same = lambda a, b: percent(a.argmax(-1) == b.argmax(-1))  # noqa: E731
   run_top1 = summary.get("final_top1", summary["init_top1"])
   rec = {"command": f"evolq {CASES[case][0]} --config {CASES[case][1]} "
                     + " ".join(f"--set {s}" for s in CASES[case][2]),
@@ -136,16 +138,14 @@ def parity_case(case: str, log) -> dict:
          "test_images": int(len(images)), "run_top1": run_top1, "eval_batch": c.eval.batch_size,
          "fake_quant_top1": top1(fq), "onnx_top1": top1(ol), "jax_integer_top1": top1(il),
          "onnx_images_off_run_top1": int(round(abs(top1(ol) - run_top1) * len(images) / 100)),
-         "onnx_same_top1": 100.0 * float(np.mean(ol.argmax(-1) == fq.argmax(-1))),
+         "onnx_same_top1": same(ol, fq),
          "onnx_max_abs_delta_logit": float(np.max(np.abs(ol - fq))),
-         "jax_integer_same_top1": 100.0 * float(np.mean(il.argmax(-1) == fq.argmax(-1))),
+         "jax_integer_same_top1": same(il, fq),
          "jax_integer_max_abs_delta_logit": float(np.max(np.abs(il - fq))),
          "fake_quant_other_batch": other, "fake_quant_other_batch_top1": top1(fq_other),
-         "fake_quant_other_batch_same_top1": 100.0 * float(np.mean(
-             fq_other.argmax(-1) == fq.argmax(-1))),
+         "fake_quant_other_batch_same_top1": same(fq_other, fq),
          "onnx_bytes": os.path.getsize(onnx_path), "export_seconds": export_s,
-         "points_off_by_a_step": divergence(build_export(cfg, qcfg, params, qparams),
-                                             images[:50])}
+         "points_off_by_a_step": divergence(export, images[:50])}
   log(f"{case}: ONNX Runtime top-1 {rec['onnx_top1']:.2f} (run {run_top1:.2f}), same top-1 as "
       f"fake-quant {rec['onnx_same_top1']:.2f}%, max |dlogit| {rec['onnx_max_abs_delta_logit']:.4f}")
   return rec
