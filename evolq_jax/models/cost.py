@@ -69,8 +69,10 @@ def _matmul_flops(jaxpr) -> int:
   return total
 
 
-def _flops(fn, *args) -> int:
-  return _matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+def _flops(fn, *args):
+  """-> (matmul/conv FLOPs of fn(*args), the abstract output): one trace."""
+  closed, out = jax.make_jaxpr(fn, return_shape=True)(*args)
+  return _matmul_flops(closed.jaxpr), out
 
 
 def _forward(cfg, p, x, **kw):
@@ -85,14 +87,13 @@ def forward_cost(cfg) -> dict:
   "head": after the last unit}. Their sum is the whole forward's."""
   params, images = _abstract(cfg)
   n = len(units(cfg))
-  entering = [jax.eval_shape(lambda p, x, b=b: _forward(cfg, p, x, last_unit=b), params, images)
-              for b in range(1, n + 1)]
-  stem = _flops(lambda p, x: _forward(cfg, p, x, last_unit=0), params, images)
-  per_unit = [_flops(lambda p, x, b=b: _forward(cfg, p, x, first_unit=b, last_unit=b + 1),
-                     params, images if b == 0 else entering[b - 1]) for b in range(n)]
-  if n:  # unit 0 from images: its count includes the stem's
-    per_unit[0] -= stem
-  head = _flops(lambda p, x: _forward(cfg, p, x, first_unit=n), params, entering[-1]) if n else 0
+  stem, x = _flops(lambda p, x: _forward(cfg, p, x, last_unit=0), params, images)
+  per_unit, x = [], images  # unit 0 takes images: its count includes the stem's, taken off
+  for b in range(n):
+    flops, x = _flops(lambda p, x, b=b: _forward(cfg, p, x, first_unit=b, last_unit=b + 1),
+                      params, x)
+    per_unit.append(flops - (stem if b == 0 else 0))
+  head = _flops(lambda p, x: _forward(cfg, p, x, first_unit=n), params, x)[0] if n else 0
   return {"stem": stem, "units": tuple(per_unit), "head": head}
 
 
