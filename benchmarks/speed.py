@@ -45,10 +45,10 @@ from speed_search import run_search_modes
 from evolq_jax.calibrate import calibrate
 from evolq_jax.models import get_preset, init_params, load_params, quantize_params
 from evolq_jax.pipeline import bundled_checkpoint
-from evolq_jax.search import population_fitness, prefix_activations, searched_scales
+from evolq_jax.search import prefix_activations, searched_scales
 from evolq_jax.search import SearchConfig
 from evolq_jax.search import fitness as fit_mod
-from evolq_jax.search.fitness import reference_logits
+from evolq_jax.search.fitness import reference_logits, scoring_args, segment_fitness
 
 
 # --- the JAX modes --------------------------------------------------------------
@@ -143,13 +143,13 @@ def run_jax_modes(cfg, n_images, pop_size, seq, loss_batch, memory_mb, chunk_opt
         tokens = tokens.astype(jnp.bfloat16)
       v0, lay = searched_scales(cfg, QCFG, qparams, b, scfg.space)
       pb = population(v0, pop_size, b)
-      args_ = (p_, fq_, qp_, tokens, fp_ref)
-      static = (cfg, QCFG, b, lay, "infonce", TEMPERATURE, loss_batch)
+      static, args_ = scoring_args(cfg, QCFG, b, lay, "infonce", TEMPERATURE, loss_batch, p_,
+                                   fq_, qp_, tokens, fp_ref)
       chunk = chunk_opt or chunk_for(
-          args_, memory_mb, pb, lambda s=static, p=pb, a=args_: population_fitness.lower(
+          args_, memory_mb, pb, lambda s=static, p=pb, a=args_: segment_fitness.lower(
               *s, 1, p[:1], *a).compile())
       t = time.perf_counter()
-      exe = population_fitness.lower(*static, chunk, pb, *args_).compile()
+      exe = segment_fitness.lower(*static, chunk, pb, *args_).compile()
       comp += time.perf_counter() - t
       exe(pb, *args_).block_until_ready()
       with PeakRSS() as m:
@@ -251,8 +251,9 @@ def markdown(payload) -> str:
                             if "seconds_per_candidate" in v else
                             f"chunk {c}: not run ({v['skipped']})"
                             for c, v in p["chunk_sweep"].items()) + ".", ""]
-  if "search" in payload:
-    lines += search_markdown(payload["search"])
+  for search_res in (payload.get("searches") or {"": payload["search"]} if "search" in payload
+                     else {}).values():
+    lines += search_markdown(search_res)
   if "int8_matmul" in m:
     mm = m["int8_matmul"]
     lines += [f"2048² matmul in this run: int8 → int32 {mm['int8_gop_s']:.0f} GOP/s, fp32 "
@@ -285,12 +286,22 @@ def search_markdown(s) -> list:
             f"{s['calibration_s']:.1f} s, not counted)."), "",
            "| way | seconds | evaluations | × vs engine (1 child) | calibration loss start → end |",
            "|---|---|---|---|---|"]
-  for key, label in SEARCH_MODES:
-    r = s.get(key)
-    if r is None:
+  pc = s.get("persistent_cache", {})
+  rows = SEARCH_MODES + [(f"persistent_cache/{k}", f"engine, 1 child, {k} persistent cache")
+                         for k in pc]
+  for key, label in rows:
+    r = pc.get(key.split("/")[1]) if key.startswith("persistent_cache/") else s.get(key)
+    if not isinstance(r, dict):
       continue
     lines.append(f"| {label} | {r['seconds']:.1f} | {r['candidate_evaluations']} | "
                  f"{r['seconds'] / e1:.2f} | {r['fitness_start']:.4f} → {r['fitness_final']:.4f} |")
+  compiled = [(label, s[key]["compile"]) for key, label in SEARCH_MODES[:2] if key in s] + [
+      (f"{k} persistent cache", pc[k]["compile"]) for k in ("cold", "warm") if k in pc]
+  if compiled:
+    lines += ["", "| engine search | XLA programs compiled | read from the cache | "
+              "compile s (incl. reads) | trace s |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {c['compilations']} | {c['cache_hits']} | {c['compile_seconds']:.1f} "
+              f"| {c['trace_seconds']:.1f} |" for label, c in compiled]
   lines += ["", "Ratios: " + ", ".join(f"{k} **{v:.2f}×**" for k, v in s["ratios"].items()) + ".",
             "(The PyTorch model has random weights: its loss values are not comparable.)", ""]
   return lines
@@ -330,6 +341,7 @@ def summary(payload, args) -> dict:
   """The headline ratios: per candidate from deit_tiny (else the first model), the whole
   search from the measured end-to-end runs, (f) per model."""
   models, search_res = payload["models"], payload.get("search") or {}
+  searches = payload.get("searches") or {}
   name = "deit_tiny_patch16_224" if "deit_tiny_patch16_224" in models else next(iter(models))
   res = models[name]
   ratios = search_res.get("ratios", {})
@@ -343,6 +355,10 @@ def summary(payload, args) -> dict:
       "search_vs_reference_end_to_end": ratios.get("engine_vs_reference"),
       "search_parallel_vs_reference_end_to_end": ratios.get("generation_parallel_vs_reference"),
       "search_vs_sequential_end_to_end": ratios.get("engine_vs_sequential"),
+      "search_vs_reference_end_to_end_cifar10": searches.get(
+          "vit_cifar10_patch4_32", {}).get("ratios", {}).get("engine_vs_reference"),
+      "warm_compile_fraction": (search_res.get("persistent_cache") or {}).get(
+          "warm_compile_fraction"),
       "int8_vs_fp32": res.get("f_integer", {}).get("int8_vs_fp32"),
       "int8_vs_fp32_by_model": {k: r["f_integer"]["int8_vs_fp32"] for k, r in models.items()
                                 if "f_integer" in r},
@@ -354,9 +370,10 @@ def summary(payload, args) -> dict:
 def search_inputs(cfg, n_images):
   """The search's params and calibration images: the fixture's bundled weights and
   training images; other models random (speed does not depend on them)."""
-  if cfg.name == "vit_fixture_patch4_28":
-    from evolq_jax.data import load_split
-    images, _ = load_split({"source": "bundled"}, "train", cfg, limit=n_images, seed=0)
+  from evolq_jax.data import load_split
+  source = {"vit_fixture_patch4_28": "bundled", "vit_cifar10_patch4_32": "cifar10"}
+  if cfg.name in source:
+    images, _ = load_split({"source": source[cfg.name]}, "train", cfg, limit=n_images, seed=0)
     return load_params(bundled_checkpoint(cfg.name), cfg), images
   images = jax.random.normal(jax.random.key(1), (n_images, cfg.img_size, cfg.img_size,
                                                  cfg.in_chans))
@@ -380,8 +397,10 @@ def main():
   ap.add_argument("--no-bf16", action="store_true")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--no-profile", action="store_true")
-  ap.add_argument("--search-model", default="vit_fixture_patch4_28",
-                  help="model of the end-to-end searches (the fixture: its bundled weights)")
+  ap.add_argument("--search-models", nargs="+",
+                  default=["vit_fixture_patch4_28", "vit_cifar10_patch4_32"],
+                  help="models of the end-to-end searches (the fixtures: their bundled weights "
+                  "and training images)")
   ap.add_argument("--search-images", type=int, default=1000)
   ap.add_argument("--search-passes", type=int, default=10)
   ap.add_argument("--search-generations", type=int, default=3)
@@ -452,13 +471,13 @@ def main():
           / res["a_sequential_full"]["seconds_per_candidate"])
     res["device_peak_mib"] = device_peak_mib()
     models[name] = res
-  search_res = None
-  if not args.no_search:
-    cfg = get_preset(args.search_model)
+  searches = {}
+  for name in ([] if args.no_search else args.search_models):
+    cfg = get_preset(name)
     params, images = search_inputs(cfg, args.search_images)
-    search_res = run_search_modes(cfg, params, images, args.search_passes,
-                                  args.search_generations, min(args.loss_batch, len(images)),
-                                  args.search_chunk, not args.no_torch, log)
+    searches[name] = run_search_modes(cfg, params, images, args.search_passes,
+                                      args.search_generations, min(args.loss_batch, len(images)),
+                                      args.search_chunk, not args.no_torch, log)
   if not args.no_int:
     machine["int8_matmul"] = matmul_int8_vs_fp32()
   machine["peak_after"] = matmul_peak()
@@ -470,8 +489,9 @@ def main():
         res[key]["fraction_of_peak"] = res[key]["gflop_s"] / peak
   payload = {"git_commit": git_commit(), "command": "python " + " ".join(sys.argv),
              "machine": {**machine, "peak_gflop_s": peak}, "models": models}
-  if search_res is not None:
-    payload["search"] = search_res
+  if searches:
+    payload["search"] = next(iter(searches.values()))  # the headline model's
+    payload["searches"] = searches
   payload["summary"] = summary(payload, args)
   write_results(args.name, payload, markdown(payload))
 

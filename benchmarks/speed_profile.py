@@ -11,7 +11,8 @@ import time
 import jax
 from speed_common import QCFG, TEMPERATURE, forward_flops, population, timed
 
-from evolq_jax.search import SearchConfig, population_fitness, prefix_activations, searched_scales
+from evolq_jax.search import SearchConfig, prefix_activations, searched_scales
+from evolq_jax.search.fitness import scoring_args, segment_fitness
 
 
 CATEGORIES = ("linear matmuls", "attention matmuls", "activation fake-quant", "softmax",
@@ -107,11 +108,11 @@ def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
                               loss_batch)
   v0, lay = searched_scales(cfg, QCFG, ctx["qparams"], block, scfg.space)
   pb = population(v0, pop_size, block)
-  args_ = (ctx["params"], ctx["fq"], ctx["qparams"], tokens, ctx["fp_ref"])
-  static = (cfg, QCFG, block, lay, "infonce", TEMPERATURE, loss_batch)
+  static, args_ = scoring_args(cfg, QCFG, block, lay, "infonce", TEMPERATURE, loss_batch,
+                               ctx["params"], ctx["fq"], ctx["qparams"], tokens, ctx["fp_ref"])
   sweep = {}
   for chunk in sorted({1, 3, pop_size}):
-    exe = population_fitness.lower(*static, chunk, pb, *args_).compile()
+    exe = segment_fitness.lower(*static, chunk, pb, *args_).compile()
     temp = exe.memory_analysis().temp_size_in_bytes
     if temp > 0.7 * available_bytes():  # would swap or be OOM-killed: not a speed figure
       sweep[chunk] = {"skipped": f"XLA temp {temp / 2 ** 20:.0f} MiB > 70% of available memory",
@@ -125,7 +126,7 @@ def profile_cached(cfg, ctx, block, pop_size, loss_batch, log):
     log(f"profile block {block} chunk {chunk}: {sweep[chunk]}")
   best = min((c for c in sweep if "seconds_per_candidate" in sweep[c]),
              key=lambda c: sweep[c]["seconds_per_candidate"])
-  exe = population_fitness.lower(*static, best, pb, *args_).compile()
+  exe = segment_fitness.lower(*static, best, pb, *args_).compile()
   cost = exe.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   wall, busy, per_cat = profile_run(exe, lambda: exe(pb, *args_).block_until_ready(),

@@ -12,10 +12,17 @@ each timed from its call to its return, compilation included:
                          scored by a jitted full quantized forward, one at a time;
   reference, PyTorch     speed_torch.search_end_to_end (the reference's way).
 The FQ-ViT calibration before a search is the same for all and timed apart; JAX's
-compilation caches are cleared before each way, so each pays its own compilation.
+compilation caches are cleared before each way, so each pays its own compilation
+(the package's persistent caches are off for them). Then the engine's search twice
+more in a fresh persistent cache (evolq_jax/cache.py): cold (it compiles and fills
+the cache) and warm (in-memory caches cleared: it reads its programs and the FP
+logits back, as a second run in a new process would); each way records what it
+compiled (compilation.CompileLog).
 """
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 
 import jax
@@ -23,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from speed_common import QCFG, full_loss_fn
 
+from evolq_jax import cache
 from evolq_jax.calibrate import calibrate
+from evolq_jax.compilation import CompileLog
 from evolq_jax.search import SearchConfig, make_strategy, search, searched_scales, set_scales
 from evolq_jax.search.fitness import reference_logits
 from evolq_jax.search.strategies import paper_radius
@@ -35,10 +44,31 @@ def engine_search(cfg, params, qparams, images, passes, generations, children, l
   scfg = SearchConfig(passes=passes, generations=generations, children=children,
                       loss_batch=loss_batch, chunk=chunk)
   t = time.perf_counter()
-  r = search(cfg, QCFG, params, qparams, images, scfg, seed=0, progress=False)
+  with CompileLog() as log:
+    r = search(cfg, QCFG, params, qparams, images, scfg, seed=0, progress=False)
   return {"seconds": time.perf_counter() - t, "candidate_evaluations": r.candidates,
           "fitness_start": r.fitness_init, "fitness_final": r.fitness_final,
-          "generations": generations, "children": children, "chunk": chunk}
+          "generations": generations, "children": children, "chunk": chunk,
+          "compile": log.summary()}
+
+
+def cold_and_warm(cfg, params, qparams, images, passes, generations, loss_batch, chunk) -> dict:
+  """The engine's search (children=1) in a fresh persistent cache, twice."""
+  with tempfile.TemporaryDirectory() as folder:
+    cache.disable()  # drops any cache folder JAX holds, so that the one below is used
+    os.environ[cache.ENV] = folder
+    cache.enable_xla_cache()
+    try:
+      cold = engine_search(cfg, params, qparams, images, passes, generations, 1, loss_batch,
+                           chunk)
+      warm = engine_search(cfg, params, qparams, images, passes, generations, 1, loss_batch,
+                           chunk)
+    finally:
+      cache.disable()
+  return {"cold": cold, "warm": warm,
+          "warm_compile_fraction": warm["compile"]["compile_seconds"]
+          / cold["compile"]["compile_seconds"],
+          "warm_vs_cold": cold["seconds"] / warm["seconds"]}
 
 
 def sequential_search(cfg, params, qparams, images, passes, generations, loss_batch) -> dict:
@@ -83,6 +113,7 @@ def sequential_search(cfg, params, qparams, images, passes, generations, loss_ba
 
 def run_search_modes(cfg, params, images, passes, generations, loss_batch, chunk, torch_ok,
                      log) -> dict:
+  cache.disable()  # each way below pays its own compilation and FP logits
   t = time.perf_counter()
   qparams = calibrate(cfg, QCFG, params, np.asarray(images), batch_size=loss_batch,
                       progress=False)
@@ -110,10 +141,16 @@ def run_search_modes(cfg, params, images, passes, generations, loss_batch, chunk
       log(f"search: PyTorch reference {out['reference_torch']['seconds']:.1f} s")
     except ImportError as e:
       log(f"search: PyTorch reference skipped: {e}")
+  out["persistent_cache"] = cold_and_warm(cfg, params, qparams, images, passes, generations,
+                                          loss_batch, chunk)
+  log(f"search: engine in a fresh persistent cache: cold "
+      f"{out['persistent_cache']['cold']['seconds']:.1f} s, warm "
+      f"{out['persistent_cache']['warm']['seconds']:.1f} s")
   e1 = out["engine_children_1"]["seconds"]
   out["ratios"] = {
       "engine_vs_sequential": out["sequential_full_forward"]["seconds"] / e1,
-      "generation_parallel_vs_children_1": e1 / out["engine_generation_parallel"]["seconds"]}
+      "generation_parallel_vs_children_1": e1 / out["engine_generation_parallel"]["seconds"],
+      "warm_vs_cold": out["persistent_cache"]["warm_vs_cold"]}
   if "reference_torch" in out:
     ref_s = out["reference_torch"]["seconds"]
     out["ratios"]["engine_vs_reference"] = ref_s / e1

@@ -89,12 +89,21 @@ def _print_search(s, workdir):
           "on test)")
   print(f"{s['candidates_evaluated']} candidates in {s['search_seconds']:.0f} s of search "
         f"({s['seconds']:.0f} s in all); top-1 change {s['final_top1'] - s['init_top1']:+.2f}")
+  if "compile" in s:
+    c = s["compile"]
+    print(f"XLA: {c['compilations']} programs compiled and {c['cache_hits']} read from the "
+          f"persistent cache, {c['compile_seconds']:.0f} s in all")
   for name in ("summary.json", "history.jsonl", "fitness.png"):
     print(f"  {os.path.join(workdir, name)}")
 
 
 def cmd_search(args):
   from evolq_jax.pipeline import run_search
+  if args.distributed:
+    from evolq_jax.search.sharding import initialize_distributed
+    index = initialize_distributed()
+    if index > 0:  # the same run in every process: each its own folder, process 0 the main one
+      args.workdir = f"{args.workdir.rstrip(os.sep)}.process{index}"
   s = run_search(_config(args), args.workdir, resume=args.resume, overwrite=args.overwrite)
   _print_search(s, args.workdir)
 
@@ -195,6 +204,9 @@ def build_parser():
                    "(several per --set, and --set repeatable)")
     s.add_argument("--workdir", required=workdir is None, default=workdir,
                    help="folder for outputs (one run writes there at a time)")
+    s.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the caches of compiled XLA programs and FP "
+                   "logits (default: in $EVOLQ_CACHE, else ~/.cache/evolq_jax)")
     s.add_argument("--debug", action="store_true",
                    help="show the traceback of an error, not just its message")
     s.set_defaults(fn=fn)
@@ -204,8 +216,14 @@ def build_parser():
       resume=True)
   add("eval", cmd_eval, "FQ-ViT calibration + evaluation; writes WORKDIR/summary.json",
       overwrite=True)
-  add("search", cmd_search, "calibrate + Evol-Q search + evaluate; writes summary.json, "
-      "history.jsonl, fitness.png", resume=True, overwrite=True)
+  s = add("search", cmd_search, "calibrate + Evol-Q search + evaluate; writes summary.json, "
+          "history.jsonl, fitness.png", resume=True, overwrite=True)
+  s.add_argument("--distributed", action="store_true",
+                 help="one process of a multi-process run (JAX's distributed runtime: SLURM, "
+                 "TPU pods, Open MPI detected; else EVOLQ_COORDINATOR=host:port, "
+                 "EVOLQ_NUM_PROCESSES, EVOLQ_PROCESS_ID). The population is sharded over "
+                 "every process's devices; process 0 writes --workdir, process i "
+                 "WORKDIR.process<i> (scripts/slurm_search.sh, scripts/tpu_pod_search.sh)")
   add("demo", cmd_demo, "the whole pipeline on the bundled fixture (W3A8)", config=False,
       workdir=DEMO_WORKDIR, resume=True)
   s = add("landscape", _locked(cmd_landscape), "calibration loss and test top-1 on a 1D/2D grid of "
@@ -268,14 +286,19 @@ def _sigterm_as_interrupt():
 
 def main(argv=None):
   args = build_parser().parse_args(argv)
+  from evolq_jax import cache
+  if args.no_cache:
+    cache.disable()
   with _sigterm_as_interrupt():
     if args.debug:
+      cache.enable_xla_cache()
       args.fn(args)
       return 0
     with warnings.catch_warnings():
       warnings.showwarning = lambda message, *_, **__: print(
           f"evolq {args.command}: warning: {_one_line(message)}", file=sys.stderr)
       try:
+        cache.enable_xla_cache()
         args.fn(args)
       except (ValueError, OSError, ImportError) as e:  # bad input: its message is the whole story
         print(f"evolq {args.command}: error: {_one_line(e)}", file=sys.stderr)

@@ -16,6 +16,8 @@ import time
 import jax
 
 from evolq_jax.calibrate import calibrate
+from evolq_jax.cache import enable_xla_cache
+from evolq_jax.compilation import CompileLog
 from evolq_jax.config import QuantConfig, quant_config, search_config
 from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
@@ -228,6 +230,7 @@ def run_eval(c, workdir: str | None = None, progress: bool = True,
   start = time.time()
   check_sizes(c)
   quant_config(c)  # every quant field, before any work
+  enable_xla_cache()
   if not workdir:
     return _eval(c, None, progress, start)
   with open_run(workdir, "eval", _config_dict(c), overwrite=overwrite):
@@ -235,8 +238,10 @@ def run_eval(c, workdir: str | None = None, progress: bool = True,
 
 
 def _eval(c, workdir, progress, start) -> dict:
-  qparams, summary = _calibrated(c, progress)[5:7]
+  with CompileLog() as log:
+    qparams, summary = _calibrated(c, progress)[5:7]
   summary["seconds"] = round(time.time() - start, 2)
+  summary["compile"] = log.summary()
   if workdir:
     summary["code"] = code_version()
     save_qparams(os.path.join(workdir, QPARAMS_FILE), qparams)  # for `evolq export`
@@ -257,13 +262,19 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True,
   check_sizes(c, search=True)
   quant_config(c)  # every field, before any work, the searched units and layers included
   search_config(c).space.searched_units(units(get_preset(c.model)))
+  enable_xla_cache()
   with open_run(workdir, "search", _config_dict(c), resume=resume, overwrite=overwrite):
     if resume:  # a damaged newest checkpoint: fall back (and say so) before calibrating
       search_checkpoint.newest_readable(workdir)
-    return _search(c, workdir, resume, progress, start)
+    with CompileLog() as log:
+      summary = _search(c, workdir, resume, progress, start)
+    summary["compile"] = log.summary()
+    write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
 
 
 def _search(c, workdir, resume, progress, start) -> dict:
+  """-> the summary (written by run_search, once the compile counts are in)."""
   from evolq_jax.plots import plot_fitness
   from evolq_jax.search import search
   scfg = search_config(c)
@@ -293,7 +304,6 @@ def _search(c, workdir, resume, progress, start) -> dict:
       "candidates_evaluated": result.candidates, "search_seconds": round(result.seconds, 2),
       "seconds": round(time.time() - start, 2), "code": code_version()})
   save_qparams(os.path.join(workdir, QPARAMS_FILE), result.qparams)  # for `evolq export`
-  write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
 
 

@@ -12,9 +12,12 @@ import tempfile
 # search's scoring) compiles once. Set before jax is imported; a cache the
 # user named is kept, one made here is removed when the run ends.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+_OWN_EVOLQ_CACHE = "EVOLQ_CACHE" not in os.environ
 if _OWN_CACHE:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="evolq_jax_tests_xla_")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+if _OWN_EVOLQ_CACHE:  # the package's FP-logits cache (evolq_jax/cache.py), not in ~/.cache
+  os.environ["EVOLQ_CACHE"] = tempfile.mkdtemp(prefix="evolq_jax_tests_cache_")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -86,21 +89,24 @@ def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  if _OWN_EVOLQ_CACHE:
+    shutil.rmtree(os.environ["EVOLQ_CACHE"], ignore_errors=True)
 
 
 def tiny_config(family: str):
   """A small random-weight preset of each registered family (shapes of the real
-  layout, sizes a test can run in seconds)."""
+  layout, sizes a test can run in seconds). ViT, LeViT and EfficientNet have
+  a shared segment of two units (models/segments.py); Swin's tiny stages do not."""
   import dataclasses
   from evolq_jax.models.registry import FAMILIES
   base = FAMILIES[family].presets[0]
   sizes = {
-      "vit": dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2),
+      "vit": dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2),
       "swin": dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1),
                    num_heads=(2, 4)),
-      "levit": dict(img_size=64, embed_dim=(16, 24), key_dim=8, num_heads=(2, 3), depth=(1, 1)),
+      "levit": dict(img_size=64, embed_dim=(16, 24), key_dim=8, num_heads=(2, 3), depth=(1, 2)),
       "efficientnet": dict(img_size=32, head=64, stages=((1, 3, 1, 1, 32, 16),
-                                                         (2, 3, 2, 6, 16, 24),
+                                                         (3, 3, 2, 6, 16, 24),
                                                          (1, 5, 2, 6, 24, 40))),
   }[family]
   return dataclasses.replace(base, name=f"{family}_tiny_test", num_classes=10, **sizes)

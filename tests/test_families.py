@@ -13,10 +13,12 @@ from flax import traverse_util
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.export import build_export, load_export, save_export
-from evolq_jax.models import calibration_stats, init_params, quantized_logits
+from evolq_jax.models import calibration_stats, init_params, quantize_params, quantized_logits
 from evolq_jax.models.forward import act_rules, units
+from evolq_jax.models.segments import segments
 from evolq_jax.models.registry import FAMILIES
 from evolq_jax.quant.recipe import QuantConfig, reference_init, rule_for
+from evolq_jax.search import fitness, prefix_activations
 
 N, LB = 8, 4  # images; loss batch of the population check
 QCFG = reference_init(QuantConfig(w_bits=4, a_bits=8))
@@ -44,6 +46,32 @@ def test_prefix_then_suffix_is_the_full_forward(family):
     np.testing.assert_allclose(run(run(x, 0, b), b, None), full, atol=1e-5, err_msg=f"unit {b}")
   if n >= 3:  # a middle range composes too
     np.testing.assert_allclose(run(run(x, 0, 1), 1, 3), run(x, 0, 3), atol=1e-5)
+
+
+def _shared_unit(cfg):
+  """The last unit of the longest shared segment (position >= 1: the scan skips units on
+  both sides of it), or None."""
+  seg = max(segments(cfg), key=lambda s: s[1] - s[0])
+  return seg[1] - 1 if seg[1] - seg[0] > 1 else None
+
+
+def test_shared_programs_equal_the_full_forward(family):
+  """Units that share compiled programs (one per segment, the unit's position traced):
+  the prefix they cache equals the per-unit program's (the forward up to the unit,
+  unrolled) at every unit, and a population scored by the segment's program at a
+  unit inside it equals a loop and the full forward."""
+  cfg, params, x, qparams = family
+  fq = quantize_params(QCFG, params, qparams)
+  for b in range(1, len(units(cfg))):
+    np.testing.assert_allclose(prefix_activations(cfg, QCFG, params, qparams, x, b),
+                               fitness._prefix(cfg, QCFG, b, fq, qparams.acts, x), atol=1e-6,
+                               err_msg=f"unit {b}")
+  unit = _shared_unit(cfg)
+  if unit is None:
+    pytest.skip(f"{cfg.name}: no shared segment (its stages alternate window shifts)")
+  qcfg = dataclasses.replace(QCFG, ptf=False)
+  qparams = calibrate(cfg, qcfg, params, x, batch_size=N, progress=False)
+  check_population_fitness(cfg, qcfg, (params, x, qparams), unit, LB, layers=("attn", "mlp"))
 
 
 def _richest_unit(cfg) -> int:

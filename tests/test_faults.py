@@ -55,7 +55,7 @@ def _steps(workdir) -> list:
 def _result(workdir) -> dict:
   """What a run promises to reproduce: summary (less timings), history, final QParams."""
   summary = json.loads((workdir / "summary.json").read_text())
-  for key in ("seconds", "search_seconds", "code"):
+  for key in ("seconds", "search_seconds", "code", "compile"):
     summary.pop(key, None)
   last = ocp.StandardCheckpointer().restore(
       workdir / "checkpoints" / str(_steps(workdir)[-1]) / "qparams")

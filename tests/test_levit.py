@@ -14,14 +14,14 @@ from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
 from evolq_jax.config import QuantConfig
 from evolq_jax.models import (act_rules, calibration_stats, fp_logits, get_preset, load_params,
-                              quantized_logits)
+                              quantized_logits, register_preset)
 from evolq_jax.models.convert import expected_shapes, from_timm_state_dict, timm_to_flax_flat
 from evolq_jax.models.levit import attention_bias_idxs, units
 from evolq_jax.quant.recipe import rule_for
 from evolq_jax.quant.weights import kernel_paths
 from evolq_jax.search import SearchConfig
 
-from conftest import import_timm
+from conftest import import_timm, tiny_config
 
 PRESETS = ("levit_128s", "levit_128", "levit_192", "levit_256", "levit_384")
 # timm's own code at small sizes: 96 px -> token grids 6, 3 (odd: ceil subsampling), 2.
@@ -230,18 +230,22 @@ def _image_folder(root, per_class=2):
 
 
 def test_levit_search_command_end_to_end(tmp_path, capsys):
-  """configs/imagenet.py:levit_128s,W4A8 with random weights on 4 generated JPEGs; two of
-  its 11 units searched (search.units), a downsampling one among them."""
+  """configs/imagenet.py on a small registered LeViT (conftest.tiny_config, 1,000 classes;
+  random weights), W4A8, on 4 generated JPEGs; two of its 4 units searched
+  (search.units), the downsampling one among them."""
+  cfg = register_preset(dataclasses.replace(tiny_config("levit"), name="levit_cli_test",
+                                            num_classes=1000))
   _image_folder(tmp_path / "data")
   sets = ["checkpoint=random", "data.source=image_folder", f"data.dir={tmp_path / 'data'}",
           "calib.num_images=4", "calib.batch_size=4", "eval.limit=4", "eval.batch_size=4",
           "search.passes=1", "search.generations=1", "search.children=1", "search.loss_batch=4",
-          "search.units=(6,-1)"]
-  args = ["search", "--config", "configs/imagenet.py:levit_128s,W4A8", "--workdir", str(tmp_path / "run")]
+          "search.units=(1,-1)"]
+  args = ["search", "--config", f"configs/imagenet.py:{cfg.name},W4A8", "--workdir",
+          str(tmp_path / "run")]
   assert main(args + sum([["--set", s] for s in sets], [])) == 0, capsys.readouterr().err
   s = json.loads((tmp_path / "run" / "summary.json").read_text())
-  assert s["model"] == "levit_128s" and (s["w_bits"], s["a_bits"]) == (4, 8)
-  assert s["candidates_evaluated"] == 2 * (1 + 1)  # 2 of the 11 units, 1 + 1 each
+  assert s["model"] == cfg.name and (s["w_bits"], s["a_bits"]) == (4, 8)
+  assert s["candidates_evaluated"] == 2 * (1 + 1)  # 2 of the 4 units, 1 + 1 each
   assert s["fitness_final"] <= s["fitness_init"] + 1e-5
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["block"] for h in history] == [10, 6]  # the last, then the second downsampling unit
+  assert [h["block"] for h in history] == [3, 1]  # the last, then the downsampling unit

@@ -128,6 +128,9 @@ def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
   assert (tmp_path / "fitness.png").stat().st_size > 1000
   assert s["holdout_images"] == 30 and [h["pass"] for h in s["holdout"]] == [0, 1]
   assert s["selected_pass"] in (0, 1) and "last_pass_top1" in s
+  c = s["compile"]  # programs built or read from the (test run's) persistent cache
+  assert set(c) == {"compilations", "cache_hits", "compile_seconds", "trace_seconds"}
+  assert c["compilations"] + c["cache_hits"] > 0 and c["compile_seconds"] > 0
   out = capsys.readouterr().out
   assert "Evol-Q (evolq, infonce)" in out and "held-out top-1 per pass" in out
   assert main(args + small) == 2  # a second run into the same workdir needs --resume

@@ -356,3 +356,28 @@ def test_relative_step_moves_each_scale_by_a_fraction_of_itself():
     SearchConfig(step="relative")
   with pytest.raises(ValueError, match="step='sideways' is unknown"):
     SearchConfig(step="sideways", radius=0.1)
+
+
+def test_units_of_one_segment_share_their_compiled_programs():
+  """A 4-block ViT has two segments, the first block (it embeds the images) and blocks
+  1-3: a search over every unit builds one scoring and one prefix program per segment,
+  not per unit, and a second search of the same shapes builds none (summary.json
+  reports the counts: compilation.CompileLog)."""
+  from evolq_jax.compilation import CompileLog
+  from evolq_jax.models.segments import segments
+  cfg = dataclasses.replace(CFG, depth=4, name="vit_fixture_depth4_test")
+  params = init_params(cfg, jax.random.key(0))
+  x = jnp.asarray(jax.random.normal(jax.random.key(1), (N, 28, 28, 1)))
+  qparams = calibrate(cfg, QCFG, params, x, batch_size=20, progress=False)
+  assert segments(cfg) == ((0, 1), (1, 4))
+  scfg = SearchConfig(passes=1, generations=1, children=2, loss_batch=LB)
+  with CompileLog() as first:
+    search(cfg, QCFG, params, qparams, x, scfg, progress=False)
+  # per segment: the start alone (1 candidate) and a generation (2): 4 programs, not 8
+  assert first.by_name.get("jit(segment_fitness)") == 4
+  assert first.by_name.get("jit(_segment_prefix)") == 1  # units 1-3; unit 0's prefix: images
+  assert "jit(_prefix)" not in first.by_name
+  with CompileLog() as again:
+    search(cfg, QCFG, params, qparams, x, dataclasses.replace(scfg, children=2), seed=1,
+           progress=False)
+  assert "jit(segment_fitness)" not in again.by_name

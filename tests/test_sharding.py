@@ -68,8 +68,8 @@ def test_candidate_bytes_from_xla_grow_with_the_loss_batch():
   _, layout, args = _block_inputs(setup, 0)
   sizes = {}
   for lb in (6, 12):
-    static = (CFG, QCFG, 0, layout, "infonce", 3.0, lb)
-    sizes[lb] = fitness.candidate_bytes(static, args)
+    sizes[lb] = fitness.candidate_bytes(*fitness.scoring_args(CFG, QCFG, 0, layout, "infonce",
+                                                              3.0, lb, *args))
   assert 0 < sizes[6] < sizes[12]
   est = fitness.estimated_candidate_bytes(CFG, 0, 12)
   assert est / 4 < sizes[12] < est * 4  # the fallback estimate is of the right size
@@ -81,8 +81,8 @@ def test_memory_budget_picks_a_chunk_and_scores_like_unchunked():
     pop, layout, args = _block_inputs(setup, 1)
     whole = np.asarray(population_fitness(CFG, QCFG, 1, layout, "infonce", 3.0, LB, 0, pop,
                                           *args))
-    static = (CFG, QCFG, 1, layout, "infonce", 3.0, LB)
-    per = fitness.candidate_bytes(static, args)
+    per = fitness.candidate_bytes(*fitness.scoring_args(CFG, QCFG, 1, layout, "infonce", 3.0,
+                                                        LB, *args))
     fixed = fitness.tree_bytes(args) + fitness.tree_bytes(pop)
     chunks = {}
     for mb in ((fixed + (POP + 0.5) * per) / 2 ** 20, (fixed + 2.5 * per) / 2 ** 20):
@@ -122,7 +122,8 @@ def test_search_with_a_memory_budget_equals_the_unchunked_search():
 def _budget_for_chunk(setup, chunk):
   """A budget (MiB) that fits `chunk` candidates of block 0, the hungriest block."""
   pop, layout, args = _block_inputs(setup, 0)
-  per = fitness.candidate_bytes((CFG, QCFG, 0, layout, "infonce", 3.0, LB), args)
+  per = fitness.candidate_bytes(*fitness.scoring_args(CFG, QCFG, 0, layout, "infonce", 3.0, LB,
+                                                      *args))
   return (fitness.tree_bytes(args) + fitness.tree_bytes(pop) + (chunk + 0.5) * per) / 2 ** 20
 
 

@@ -4,7 +4,6 @@ FQ-ViT layout and quantized modes, the prefix forward, the search on a tiny
 instance, and `evolq search` end to end on generated images."""
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +15,12 @@ from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
 from evolq_jax.config import QuantConfig
 from evolq_jax.models import (calibration_stats, fp_logits, get_preset, load_params,
-                              quantized_logits, units)
+                              quantized_logits, register_preset, units)
 from evolq_jax.models.convert import expected_shapes, from_timm_state_dict, timm_to_flax_flat
 from evolq_jax.models.swin import act_rules, shift_mask
 from evolq_jax.quant.recipe import rule_for
 
-from conftest import import_timm
+from conftest import import_timm, tiny_config
 
 PRESETS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
            "swin_base_patch4_window7_224")
@@ -200,13 +199,14 @@ def _jpeg_folder(root, per_class=3, seed=0):
         img.save(root / split / cls / f"{k}.jpg", quality=90)
 
 
-def test_swin_tiny_search_cli_end_to_end(tmp_path, capsys):
-  """The real swin_tiny at 224 (random weights), W4A8, one pass of one child per
-  unit over its last two units of 12 (search.units), on 4 calibration and 2
-  test JPEGs."""
+def test_swin_search_cli_end_to_end(tmp_path, capsys):
+  """configs/imagenet.py on a small registered Swin (conftest.tiny_config, 1,000 classes;
+  random weights), W4A8, one pass of one child per unit over its last two units of 3, the
+  second a stage's first block with its patch merging, on 4 calibration and 2 test JPEGs."""
+  cfg = register_preset(dataclasses.replace(tiny_config("swin"), name="swin_cli_test",
+                                            num_classes=1000))
   _jpeg_folder(tmp_path / "data")
-  start = time.time()
-  rc = main(["search", "--config", "configs/imagenet.py:swin_tiny,W4A8", "--workdir",
+  rc = main(["search", "--config", f"configs/imagenet.py:{cfg.name},W4A8", "--workdir",
              str(tmp_path / "run"), "--set", "checkpoint=random",
              "--set", "data.source=image_folder", "--set", f"data.dir={tmp_path / 'data'}",
              "--set", "calib.num_images=4", "--set", "calib.batch_size=2",
@@ -215,11 +215,10 @@ def test_swin_tiny_search_cli_end_to_end(tmp_path, capsys):
              "--set", "search.children=1", "--set", "search.loss_batch=2",
              "--set", "search.units=(-2,-1)"])
   out = capsys.readouterr()
-  print(f"evolq search swin_tiny W4A8: {time.time() - start:.1f} s")
   assert rc == 0, out.err
   s = json.load(open(tmp_path / "run" / "summary.json"))
-  assert s["model"] == "swin_tiny_patch4_window7_224" and (s["w_bits"], s["a_bits"]) == (4, 8)
+  assert s["model"] == cfg.name and (s["w_bits"], s["a_bits"]) == (4, 8)
   assert s["candidates_evaluated"] == 2 * 2  # per unit: its start and one child
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["block"] for h in history] == [11, 10]  # of 12 units, last first
+  assert [h["block"] for h in history] == [2, 1]  # of 3 units, last first
   assert np.isfinite(s["fitness_final"]) and s["fitness_final"] <= s["fitness_init"]

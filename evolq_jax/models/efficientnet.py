@@ -196,6 +196,12 @@ def units(cfg: EfficientNetConfig) -> tuple:
   return tuple(out)
 
 
+def unit_kinds(cfg: EfficientNetConfig) -> tuple:
+  """The repeated blocks of a stage (same kernel, stride, expansion, channels) compute the
+  same function; the first block holds the stem."""
+  return (None,) + tuple(cfg.blocks[1:])
+
+
 def act_rules(qcfg):
   """Every point uniform per tensor (no LayerNorm inputs, no softmax)."""
   return fqvit_rules(qcfg)
@@ -283,4 +289,4 @@ def pip_checkpoint(model: str) -> str:
 TRANSFORMS = (Transform("lite", 224 / 256, "bicubic", (127 / 255,) * 3, (128 / 255,) * 3),)
 
 FAMILY = Family("efficientnet", EfficientNetLite, PRESETS, units, act_rules, candidate_bytes,
-                TIMM_TABLE, prepare, TRANSFORMS)
+                TIMM_TABLE, prepare, TRANSFORMS, unit_kinds=unit_kinds)

@@ -38,7 +38,6 @@ def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None,
 
 
 @functools.partial(jax.jit, static_argnums=0)
-@functools.partial(jax.jit, static_argnums=0)
 def init_params(cfg, key):
   """Random params (one program, compiled once per model: run eagerly, every
   initializer of every leaf compiles on its own)."""

@@ -118,6 +118,9 @@ class Family:
   timm_table: tuple = ()         # (timm regex, flax template, conversion) rows
   prepare: Optional[Callable] = None  # (flat converted params, cfg) -> flat params
   transforms: tuple = ()         # the Transforms its presets name (ModelConfig.preprocess)
+  # cfg -> one key per unit: equal keys = the same function of the unit's own subtrees,
+  # so consecutive ones share compiled programs (segments.py); None = a unit of its own
+  unit_kinds: Optional[Callable] = None
 
   def __post_init__(self):  # a family's preprocessing is known by name once it exists
     for t in self.transforms:

@@ -261,6 +261,12 @@ def units(cfg: LevitConfig) -> tuple:
   return tuple(out)
 
 
+def unit_kinds(cfg: LevitConfig) -> tuple:
+  """The blocks of a stage compute the same function (their spec but its path); the first
+  unit holds the stem."""
+  return (None,) + tuple(dataclasses.replace(s, path=()) for s in unit_specs(cfg)[1:])
+
+
 def act_rules(qcfg):
   """The reference's LN-config points (PTF): the stem's and the residual outputs."""
   return fqvit_rules(qcfg, residual=r"stem/.*|.*/resid[12]", probs=r".*/probs")
@@ -322,4 +328,4 @@ def prepare(flat: dict, cfg: LevitConfig) -> dict:
 TRANSFORMS = (Transform("levit", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
 
 FAMILY = Family("levit", Levit, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE, prepare,
-                TRANSFORMS)
+                TRANSFORMS, unit_kinds=unit_kinds)

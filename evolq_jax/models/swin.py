@@ -275,6 +275,14 @@ def units(cfg: SwinConfig) -> tuple:
   return tuple(out)
 
 
+def unit_kinds(cfg: SwinConfig) -> tuple:
+  """The blocks of a stage with the same window shift compute the same function; a
+  stage's first block holds the patch embedding or merging. (Shifted and unshifted
+  blocks alternate, so only a stage whose grid fits one window shares programs.)"""
+  return tuple(None if j == 0 else (s, cfg.window(s)[1] if j % 2 else 0)
+               for s, j in cfg.blocks)
+
+
 def act_rules(qcfg):
   return fqvit_rules(qcfg, residual=r"(.*/)?(resid1|resid2|reduction_out)", probs=r".*/probs")
 
@@ -329,4 +337,4 @@ TIMM_TABLE = (
 TRANSFORMS = (Transform("swin", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
 
 FAMILY = Family("swin", SwinTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                prepare, TRANSFORMS)
+                prepare, TRANSFORMS, unit_kinds=unit_kinds)

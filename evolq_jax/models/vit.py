@@ -146,6 +146,11 @@ def units(cfg: ViTConfig) -> tuple:
       Layer("fc2", (f"blocks_{i}", "mlp", "fc2"), "mlp"))) for i in range(cfg.depth))
 
 
+def unit_kinds(cfg: ViTConfig) -> tuple:
+  """Every block after the first (which embeds the images) computes the same function."""
+  return (None,) + ("block",) * (cfg.depth - 1)
+
+
 def act_rules(qcfg):
   return fqvit_rules(qcfg, residual=r"(.*/)?(embed|resid1|resid2)", probs=r".*/probs")
 
@@ -182,4 +187,4 @@ TRANSFORMS = (
 )
 
 FAMILY = Family("vit", VisionTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                transforms=TRANSFORMS)
+                transforms=TRANSFORMS, unit_kinds=unit_kinds)

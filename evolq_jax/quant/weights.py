@@ -67,7 +67,9 @@ def quantize_weights(params, wq, spec: BitSpec, bias_correction: bool = False,
   flat = traverse_util.flatten_dict(params)
   flat_q = traverse_util.flatten_dict(wq)
   out = dict(flat)
-  for path in {p[:-1] for p in flat_q}:
+  # in the tree's order, not a set's: the traced program must not depend on the process's
+  # string hashing, or the persistent compilation cache misses in every new process
+  for path in dict.fromkeys(p[:-1] for p in flat_q):
     out[path + ("kernel",)] = quantize_kernel(
         flat[path + ("kernel",)], flat_q[path + ("scale",)], flat_q[path + ("zero_point",)],
         spec, bias_correction, ste)

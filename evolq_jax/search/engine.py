@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from evolq_jax import cache
 from evolq_jax.models.forward import quantize_params, units
 from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.search import checkpoint as ckpt
@@ -112,7 +113,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
                      f"{scfg.loss_batch}.")
   order = scfg.space.searched_units(units(cfg))
-  fp_ref = reference_logits(cfg, params, images)
+  fp_ref = cache.fp_logits(cfg, params, images, lambda: reference_logits(cfg, params, images))
   schedule = [(p, b) for p in range(scfg.passes) for b in reversed(order)]
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
            "fitness_init": None, "holdout": [], "selected_pass": 0}

@@ -8,6 +8,10 @@ vectors is scored in one jitted call: vmapped over candidates, in chunks of
 `chunk` candidates (lax.map) to bound memory, and over calibration batches in
 sequence (the loss's own batches). `population_scorer` picks the chunk from a
 memory budget and splits the population over devices (`sharding.py`).
+
+Units that compute the same function share their programs (models/segments.py):
+the scoring and prefix programs are compiled once per segment of such units,
+with the unit's position traced (`unit_inputs` renames its trees).
 """
 from __future__ import annotations
 
@@ -21,8 +25,10 @@ import numpy as np
 
 from evolq_jax.evaluate import batched
 from evolq_jax.losses import batched_loss, get_loss, loss_batches
+from evolq_jax.models import segments
 from evolq_jax.models.forward import fp_logits, model_for, quantize_params, quantized_logits
 from evolq_jax.models.registry import family_of
+from evolq_jax.qparams import QParams
 from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.quant.weights import quantize_kernel
 from evolq_jax.search import sharding
@@ -33,6 +39,23 @@ from evolq_jax.search.space import set_scales
 def _prefix(cfg, qcfg, unit, fq_params, acts, images):
   return model_for(cfg, "quant", qcfg).apply({"params": fq_params}, images, acts,
                                              last_unit=unit)
+
+
+def _unit_apply(model, rep: int):
+  """(local params, local acts, x) -> x through the segment representative `rep`."""
+  return lambda p, a, x: model.apply({"params": p}, x, a, first_unit=rep, last_unit=rep + 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _segment_prefix(cfg, qcfg, seg, position, fq_params, acts, stack_fq, stack_acts, images):
+  """The activations entering the unit at `position` of a shared segment: the units
+  before the segment, then the segment's units before `position` (one program per
+  segment, the position traced)."""
+  model = model_for(cfg, "quant", qcfg)
+  x = images if seg[0] == 0 else model.apply({"params": fq_params}, images, acts,
+                                             last_unit=seg[0])
+  return segments.run_segment(_unit_apply(model, seg[0]), cfg, seg, x, stack_fq, stack_acts,
+                              lambda i: i < position)
 
 
 def in_batches(fn, images, batch_size):
@@ -46,7 +69,15 @@ def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: in
   if unit == 0:
     return jnp.asarray(images)
   fq = quantize_params(qcfg, params, qparams)
-  return in_batches(lambda x: _prefix(cfg, qcfg, unit, fq, qparams.acts, x), images, batch_size)
+  seg = segments.segment_of(cfg, unit)
+  if not segments.shared(seg):
+    return in_batches(lambda x: _prefix(cfg, qcfg, unit, fq, qparams.acts, x), images,
+                      batch_size)
+  stack_fq, stack_acts = (segments.stacked(fq, cfg, seg),
+                          segments.stacked(qparams.acts, cfg, seg))
+  pos = segments.position(unit, seg)
+  return in_batches(lambda x: _segment_prefix(cfg, qcfg, seg, pos, fq, qparams.acts, stack_fq,
+                                              stack_acts, x), images, batch_size)
 
 
 _fp = jax.jit(fp_logits, static_argnums=0)
@@ -89,19 +120,55 @@ def requantize(qcfg: QuantConfig, params, fq_params, qparams, layout, ste: bool 
   return out
 
 
+def unit_inputs(cfg, unit: int, layout, params, fq_params, qparams):
+  """-> (segment, local layout, arrays): what the scoring programs of unit `unit`'s
+  segment take (models/segments.py). In a shared segment the unit's own trees
+  and layout are renamed to the segment's first unit and its position is an
+  array, so that all the segment's units run one compiled program; the
+  segment's units are stacked for the scan. Build once per unit visit."""
+  seg = segments.segment_of(cfg, unit)
+  lay = tuple((kind, segments.local_path(cfg, unit, seg, path), shape)
+              for kind, path, shape in layout)
+  loc = functools.partial(segments.local, cfg=cfg, unit=unit, seg=seg)
+  arrays = {"position": segments.position(unit, seg),
+            "params": loc(params), "fq_params": loc(fq_params),
+            "qparams": QParams(loc(qparams.weights), loc(qparams.acts)),
+            "stack_fq": segments.stacked(fq_params, cfg, seg),
+            "stack_acts": segments.stacked(qparams.acts, cfg, seg),
+            "rest_fq": fq_params, "rest_acts": qparams.acts}
+  return seg, lay, arrays
+
+
+def segment_forward(cfg, qcfg, seg, layout, vec, arrays, ste=False):
+  """-> fn(prefix activations) -> logits of the model with the unit's searched scales
+  set to `vec` (its kernels re-quantized once, here); arrays: unit_inputs'."""
+  qp = set_scales(arrays["qparams"], vec, layout)
+  p = requantize(qcfg, arrays["params"], arrays["fq_params"], qp, layout, ste)
+  model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
+  if not segments.shared(seg):
+    return lambda x: model.apply({"params": p}, x, qp.acts, first_unit=seg[0])
+  apply_unit = _unit_apply(model, seg[0])
+
+  def forward(x):
+    x = apply_unit(p, qp.acts, x)
+    x = segments.run_segment(apply_unit, cfg, seg, x, arrays["stack_fq"],
+                             arrays["stack_acts"], lambda i: i > arrays["position"])
+    return model.apply({"params": arrays["rest_fq"]}, x, arrays["rest_acts"],
+                       first_unit=seg[1])
+  return forward
+
+
 def candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params, qparams, ste=False):
   """-> fn(prefix activations) -> logits of the model with unit `unit`'s
-  searched scales set to `vec` (its kernels re-quantized once, here)."""
-  qp = set_scales(qparams, vec, layout)
-  p = requantize(qcfg, params, fq_params, qp, layout, ste)
-  model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
-  return lambda x: model.apply({"params": p}, x, qp.acts, first_unit=unit)
+  searched scales set to `vec`."""
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  return segment_forward(cfg, qcfg, seg, lay, vec, arrays, ste)
 
 
-def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, params,
-                   fq_params, qparams, tokens, fp_ref, ste=False):
+def segment_loss(cfg, qcfg, seg, layout, loss, temperature, loss_batch, vec, arrays, tokens,
+                 fp_ref, ste=False):
   """Loss of one candidate scale vector, from the cached prefix activations."""
-  forward = candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params, qparams, ste)
+  forward = segment_forward(cfg, qcfg, seg, layout, vec, arrays, ste)
   loss_fn = get_loss(loss)
   n = loss_batches(tokens.shape[0], loss_batch)
   xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
@@ -116,47 +183,73 @@ def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, 
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 
 
+def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, params,
+                   fq_params, qparams, tokens, fp_ref, ste=False):
+  """Loss of one candidate scale vector of unit `unit` (segment_loss, per unit)."""
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  return segment_loss(cfg, qcfg, seg, lay, loss, temperature, loss_batch, vec, arrays, tokens,
+                      fp_ref, ste)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
-def candidate_value_and_grad(cfg, qcfg, unit, layout, loss, temperature, loss_batch, to_scales,
-                             x, state, params, fq_params, qparams, tokens, fp_ref):
+def candidate_value_and_grad(cfg, qcfg, seg, layout, loss, temperature, loss_batch, to_scales,
+                             x, state, arrays, tokens, fp_ref):
   """(loss (1,), d loss / d x (1, D)) of one search point x (1, D) whose scales are
-  to_scales(state, x), through the straight-through estimator."""
+  to_scales(state, x), through the straight-through estimator (unit_inputs' seg,
+  layout and arrays)."""
   def f(x):
-    return candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch,
-                          to_scales(state, x)[0], params, fq_params, qparams, tokens, fp_ref,
-                          ste=True)
+    return segment_loss(cfg, qcfg, seg, layout, loss, temperature, loss_batch,
+                        to_scales(state, x)[0], arrays, tokens, fp_ref, ste=True)
   value, grad = jax.value_and_grad(f)(x)
   return value[None], grad
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7),
                    static_argnames=("mesh",))
-def population_fitness(cfg, qcfg: QuantConfig, unit: int, layout, loss: str,
-                       temperature: float, loss_batch: int, chunk: int, population, params,
-                       fq_params, qparams, tokens, fp_ref, mesh=None):
-  """Losses (P,) of a population (P, D) of unit-`unit` scale vectors.
+def segment_fitness(cfg, qcfg: QuantConfig, seg, layout, loss: str, temperature: float,
+                    loss_batch: int, chunk: int, population, arrays, tokens, fp_ref, mesh=None):
+  """Losses (P,) of a population (P, D) of scale vectors of the unit that
+  unit_inputs gave (seg, layout, arrays): one compiled program per segment.
 
   Candidates are vmapped `chunk` at a time (chunk >= P: all at once). With a
   `mesh` (sharding.population_mesh), each device scores P / devices of them,
   `chunk` at a time; the other arrays must already be on every device.
   """
-  one = functools.partial(candidate_loss, cfg, qcfg, unit, layout, loss, temperature,
-                          loss_batch)
+  one = functools.partial(segment_loss, cfg, qcfg, seg, layout, loss, temperature, loss_batch)
 
-  def local(pop, params, fq_params, qparams, tokens, fp_ref):
+  def local(pop, arrays, tokens, fp_ref):
     def f(v):
-      return one(v, params, fq_params, qparams, tokens, fp_ref)
+      return one(v, arrays, tokens, fp_ref)
 
     p = pop.shape[0]
     return jax.lax.map(f, pop, batch_size=min(chunk, p) if chunk > 0 else p)
 
   run = sharding.sharded_over_population(local, mesh)
-  return run(population, params, fq_params, qparams, tokens, fp_ref)
+  return run(population, arrays, tokens, fp_ref)
+
+
+def scoring_args(cfg, qcfg, unit: int, layout, loss: str, temperature: float, loss_batch: int,
+                 params, fq_params, qparams, tokens, fp_ref) -> tuple:
+  """-> (static, args) of unit `unit`'s scoring program: segment_fitness(*static, chunk,
+  population, *args), segment_fitness.lower(...) and candidate_bytes(static, args)."""
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  return (cfg, qcfg, seg, lay, loss, temperature, loss_batch), (arrays, tokens, fp_ref)
+
+
+def population_fitness(cfg, qcfg: QuantConfig, unit: int, layout, loss: str,
+                       temperature: float, loss_batch: int, chunk: int, population, params,
+                       fq_params, qparams, tokens, fp_ref, mesh=None):
+  """Losses (P,) of a population (P, D) of unit-`unit` scale vectors (segment_fitness;
+  the search builds unit_inputs once per unit visit instead)."""
+  static, args = scoring_args(cfg, qcfg, unit, layout, loss, temperature, loss_batch, params,
+                              fq_params, qparams, tokens, fp_ref)
+  return segment_fitness(*static, chunk, population, *args, mesh=mesh)
 
 
 def tree_bytes(tree) -> int:
-  return sum(int(np.prod(jnp.shape(a))) * jnp.result_type(a).itemsize
-             for a in jax.tree.leaves(tree))
+  """Bytes of the tree's arrays, each counted once (a tree may hold one array twice)."""
+  leaves = {id(a): a for a in jax.tree.leaves(tree)}.values()
+  return sum(int(np.prod(jnp.shape(a))) * jnp.result_type(a).itemsize for a in leaves)
 
 
 def estimated_candidate_bytes(cfg, unit: int, loss_batch: int, itemsize: int = 4):
@@ -172,26 +265,28 @@ _candidate_bytes_memo: dict = {}
 def candidate_bytes(static: tuple, args: tuple) -> int:
   """Bytes of XLA temporaries that scoring one candidate needs.
 
-  static: population_fitness's static args up to loss_batch (cfg ... loss_batch);
-  args: (params, fq_params, qparams, tokens, fp_ref). From XLA's memory
-  analysis of a one-candidate program (compiled once per block and shapes),
-  else the shape-based estimate.
+  static: segment_fitness's static args up to loss_batch (cfg, qcfg, seg, layout,
+  loss, temperature, loss_batch); args: (arrays, tokens, fp_ref) (unit_inputs'
+  arrays). From XLA's memory analysis of a one-candidate program (compiled
+  once per segment and shapes), else the shape-based estimate (for the
+  segment's first unit, its longest suffix).
   """
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
                           args)
   leaves, treedef = jax.tree.flatten(abstract)
   key = static + (treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
   if key not in _candidate_bytes_memo:
-    cfg, unit, loss_batch = static[0], static[2], static[6]
+    cfg, seg, loss_batch = static[0], static[2], static[6]
     dim = sum(math.prod(shape) for kind, _, shape in static[3])
     vec = jax.ShapeDtypeStruct((1, dim), jnp.float32)
     try:
-      analysis = population_fitness.lower(*static, 1, vec, *abstract).compile().memory_analysis()
+      analysis = segment_fitness.lower(*static, 1, vec, *abstract).compile().memory_analysis()
       n = int(analysis.temp_size_in_bytes)
     except (AttributeError, NotImplementedError):  # no memory analysis on this backend
       n = 0
-    itemsize = jnp.result_type(args[3]).itemsize
-    _candidate_bytes_memo[key] = n or estimated_candidate_bytes(cfg, unit, loss_batch, itemsize)
+    itemsize = jnp.result_type(args[1]).itemsize
+    _candidate_bytes_memo[key] = n or estimated_candidate_bytes(cfg, seg[0], loss_batch,
+                                                                itemsize)
   return _candidate_bytes_memo[key]
 
 
@@ -216,8 +311,9 @@ def population_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params,
   The arrays are put on the devices once here, not on every call.
   """
   mesh = sharding.population_mesh(scfg.devices)
-  args = sharding.replicate((params, fq_params, qparams, tokens, fp_ref), mesh)
-  static = (cfg, qcfg, unit, layout, scfg.loss, scfg.temperature, scfg.loss_batch)
+  static, args = scoring_args(cfg, qcfg, unit, layout, scfg.loss, scfg.temperature,
+                              scfg.loss_batch, params, fq_params, qparams, tokens, fp_ref)
+  args = sharding.replicate(args, mesh)
   n_dev = 1 if mesh is None else mesh.size
   chunks = {}
 
@@ -231,8 +327,9 @@ def population_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params,
         chunks[p] = chunk_for_budget(scfg.memory_mb, candidate_bytes(static, args), fixed,
                                      per_device)
     if mesh is None:
-      return population_fitness(*static, chunks[p], population, *args)
-    fit = population_fitness(*static, chunks[p], sharding.replicate(population, mesh), *args, mesh=mesh)
+      return segment_fitness(*static, chunks[p], population, *args)
+    fit = segment_fitness(*static, chunks[p], sharding.replicate(population, mesh), *args,
+                          mesh=mesh)
     return jnp.asarray(np.asarray(fit))  # back on the default device, beside the strategy
 
   score.chunks = chunks  # population size -> chunk used (for reports and tests)
@@ -243,10 +340,10 @@ def gradient_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params, fq_
                     tokens, fp_ref, to_scales):
   """-> value_and_grad(x (1, D), state) -> (losses (1,), grads (1, D)) for a
   strategy that needs gradients (one candidate, straight-through estimator)."""
-  static = (cfg, qcfg, unit, layout, scfg.loss, scfg.temperature, scfg.loss_batch, to_scales)
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  static = (cfg, qcfg, seg, lay, scfg.loss, scfg.temperature, scfg.loss_batch, to_scales)
 
   def value_and_grad(x, state):
-    return candidate_value_and_grad(*static, x, state, params, fq_params, qparams, tokens,
-                                    fp_ref)
+    return candidate_value_and_grad(*static, x, state, arrays, tokens, fp_ref)
 
   return value_and_grad
