@@ -2,7 +2,8 @@
 
   python benchmarks/speed.py [--models M ...] [--calib-images 1000] [--population 15]
       [--loss-batch 100] [--seq-candidates 15] [--memory-mb 0] [--no-bf16] [--no-torch]
-      [--search-model vit_fixture_patch4_28] [--search-images 1000] [--search-passes 10]
+      [--search-models vit_fixture_patch4_28 vit_cifar10_patch4_32] [--search-images 1000]
+      [--search-passes 10]
       [--int-images 256] [--int-batch 64]
   ->  benchmarks/results/{--name}.md, .json
 
@@ -21,7 +22,8 @@ not depend on them; W4A8, min/max observers):
 Times of (a)-(e) exclude compilation (reported apart). FLOPs are counted
 analytically (matmuls and convolutions, 2 per multiply-add); the peak is a
 2048^2 fp32 matmul measured in the same run. Then whole searches at the paper's
-budget on --search-model, measured end to end, compilation included
+budget on each of --search-models, measured end to end, compilation included,
+and the engine's search cold and warm in a fresh persistent cache
 (speed_search.py). Run it on an idle machine: the load average at the start is
 recorded, and a warning is printed (and recorded) when it is above --max-load.
 """

@@ -50,7 +50,7 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.models import get_preset, init_params
 from evolq_jax.search import SearchConfig, search
 print("CACHE", cache.enable_xla_cache())
-cfg = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2)
+cfg = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=1)
 qcfg = QuantConfig(w_bits=3, a_bits=8)
 x = jax.random.normal(jax.random.key(1), (20, 28, 28, 1))
 with CompileLog() as log:

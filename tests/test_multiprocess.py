@@ -31,7 +31,7 @@ def _worker(process_id: int, processes: int, port: int):
   from evolq_jax.search import SearchConfig, search
   assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (
       processes, processes, 1)
-  cfg = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2)
+  cfg = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=1)
   qcfg = QuantConfig(w_bits=3, a_bits=8)
   with jax.enable_x64(True):  # as in test_sharding: no value sits on a rounding boundary
     params = jax.tree.map(lambda a: np.asarray(a, np.float64), init_params(cfg, jax.random.key(0)))
