@@ -87,7 +87,8 @@ def test_memory_budget_picks_a_chunk_and_scores_like_unchunked():
     chunks = {}
     for mb in ((fixed + (POP + 0.5) * per) / 2 ** 20, (fixed + 2.5 * per) / 2 ** 20):
       scfg = SearchConfig(loss_batch=LB, memory_mb=mb, devices=1)
-      score = fitness.population_scorer(CFG, QCFG, scfg, 1, layout, *args)
+      inputs = fitness.unit_inputs(CFG, 1, layout, *args[:3])
+      score = fitness.population_scorer(CFG, QCFG, scfg, inputs, *args[3:])
       got = np.asarray(score(pop))
       chunks[mb] = score.chunks[POP]
       np.testing.assert_allclose(got, whole, rtol=1e-12, atol=1e-12)
@@ -141,7 +142,8 @@ def _worker():
       static = (CFG, QCFG, block, layout, "infonce", 3.0, LB)
       one = population_fitness(*static, 0, pop, *args)
       scfg = SearchConfig(loss_batch=LB, devices=devices, chunk=chunk)
-      many = fitness.population_scorer(CFG, QCFG, scfg, block, layout, *args)(pop)
+      many = fitness.population_scorer(
+          CFG, QCFG, scfg, fitness.unit_inputs(CFG, block, layout, *args[:3]), *args[3:])(pop)
       out[f"block{block}_devices{devices}_chunk{chunk}"] = [np.asarray(one).tolist(),
                                                             np.asarray(many).tolist()]
     mesh = population_mesh(0)

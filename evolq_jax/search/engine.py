@@ -24,7 +24,7 @@ from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.search import checkpoint as ckpt
 from evolq_jax.search import selection
 from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, population_scorer,
-                                      prefix_activations, reference_logits)
+                                      reference_logits, segment_prefix, unit_inputs)
 from evolq_jax.search.gradient import pass_lr
 from evolq_jax.search.settings import SearchConfig, SearchResult
 from evolq_jax.search.space import searched_scales, set_scales
@@ -40,14 +40,15 @@ def _jitted_strategy(scfg: SearchConfig, num_dims: int, radius: float):
 def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref, unit: int,
                  key, on_generation: Optional[Callable] = None):
   """Search one unit's scales. -> (qparams, records, candidates evaluated)."""
-  tokens = prefix_activations(cfg, qcfg, params, qparams, images, unit)
-  fq = quantize_params(qcfg, params, qparams)
   vec0, layout = searched_scales(cfg, qcfg, qparams, unit, scfg.space)
-  score = population_scorer(cfg, qcfg, scfg, unit, layout, params, fq, qparams, tokens, fp_ref)
+  # the unit's trees and its segment's stacks, once for the prefix and both scorers
+  inputs = unit_inputs(cfg, unit, layout, params, quantize_params(qcfg, params, qparams), qparams)
+  tokens = segment_prefix(cfg, qcfg, inputs, images)
+  score = population_scorer(cfg, qcfg, scfg, inputs, tokens, fp_ref)
   strategy = _jitted_strategy(scfg, int(vec0.shape[0]),
                               float(scfg.radius or paper_radius(qcfg.w_bits)))
-  grad_score = (gradient_scorer(cfg, qcfg, scfg, unit, layout, params, fq, qparams, tokens,
-                                fp_ref, strategy.to_scales) if strategy.needs_grad else None)
+  grad_score = (gradient_scorer(cfg, qcfg, scfg, inputs, tokens, fp_ref, strategy.to_scales)
+                if strategy.needs_grad else None)
   # A gradient method's first step starts at z = 0, the unit's own scales: its loss is
   # the start's, so the start is not scored apart. Its last update is scored after the
   # loop instead, so that every step counts: generations steps + 1 evaluations, the

@@ -69,15 +69,22 @@ def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: in
   if unit == 0:
     return jnp.asarray(images)
   fq = quantize_params(qcfg, params, qparams)
-  seg = segments.segment_of(cfg, unit)
+  return segment_prefix(cfg, qcfg, unit_inputs(cfg, unit, (), params, fq, qparams), images,
+                        batch_size)
+
+
+def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100):
+  """prefix_activations from unit_inputs' (seg, layout, arrays): the quantized params
+  and the segment's stacks built for scoring, not built again."""
+  seg, _, a = inputs
   if not segments.shared(seg):
-    return in_batches(lambda x: _prefix(cfg, qcfg, unit, fq, qparams.acts, x), images,
-                      batch_size)
-  stack_fq, stack_acts = (segments.stacked(fq, cfg, seg),
-                          segments.stacked(qparams.acts, cfg, seg))
-  pos = segments.position(unit, seg)
-  return in_batches(lambda x: _segment_prefix(cfg, qcfg, seg, pos, fq, qparams.acts, stack_fq,
-                                              stack_acts, x), images, batch_size)
+    if seg[0] == 0:
+      return jnp.asarray(images)
+    return in_batches(lambda x: _prefix(cfg, qcfg, seg[0], a["rest_fq"], a["rest_acts"], x),
+                      images, batch_size)
+  return in_batches(lambda x: _segment_prefix(cfg, qcfg, seg, a["position"], a["rest_fq"],
+                                              a["rest_acts"], a["stack_fq"], a["stack_acts"],
+                                              x), images, batch_size)
 
 
 _fp = jax.jit(fp_logits, static_argnums=0)
@@ -303,17 +310,17 @@ def chunk_for_budget(memory_mb: float, per_candidate: int, fixed: int, populatio
   return int(max(1, min(population, room // per_candidate)))
 
 
-def population_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params,
-                      fq_params, qparams, tokens, fp_ref):
-  """-> score(population (P, D)) -> losses (P,), following scfg.chunk /
-  scfg.memory_mb (chunk size) and scfg.devices (population split over devices).
+def population_scorer(cfg, qcfg: QuantConfig, scfg, inputs, tokens, fp_ref):
+  """-> score(population (P, D)) -> losses (P,) of the unit that unit_inputs gave
+  (`inputs`), following scfg.chunk / scfg.memory_mb (chunk size) and scfg.devices
+  (population split over devices).
 
   The arrays are put on the devices once here, not on every call.
   """
   mesh = sharding.population_mesh(scfg.devices)
-  static, args = scoring_args(cfg, qcfg, unit, layout, scfg.loss, scfg.temperature,
-                              scfg.loss_batch, params, fq_params, qparams, tokens, fp_ref)
-  args = sharding.replicate(args, mesh)
+  seg, lay, arrays = inputs
+  static = (cfg, qcfg, seg, lay, scfg.loss, scfg.temperature, scfg.loss_batch)
+  args = sharding.replicate((arrays, tokens, fp_ref), mesh)
   n_dev = 1 if mesh is None else mesh.size
   chunks = {}
 
@@ -336,11 +343,11 @@ def population_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params,
   return score
 
 
-def gradient_scorer(cfg, qcfg: QuantConfig, scfg, unit: int, layout, params, fq_params, qparams,
-                    tokens, fp_ref, to_scales):
+def gradient_scorer(cfg, qcfg: QuantConfig, scfg, inputs, tokens, fp_ref, to_scales):
   """-> value_and_grad(x (1, D), state) -> (losses (1,), grads (1, D)) for a
-  strategy that needs gradients (one candidate, straight-through estimator)."""
-  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  strategy that needs gradients (one candidate, straight-through estimator);
+  inputs: unit_inputs'."""
+  seg, lay, arrays = inputs
   static = (cfg, qcfg, seg, lay, scfg.loss, scfg.temperature, scfg.loss_batch, to_scales)
 
   def value_and_grad(x, state):
