@@ -52,8 +52,9 @@ from evolq_jax.evaluate import classification_metrics
 from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.search import calibration_fitness, reference_logits, search
 from evolq_jax.search import checkpoint as ckpt
-from evolq_jax.quant.recipe import parse_bits, reference_init
+from evolq_jax.models import resolve_quant
 from evolq_jax.models.forward import units
+from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
 from evolq_jax.workdir import write_json
 from accuracy_plans import (PLANS, REGIME, SEARCHES, equal_passes, evaluations,
@@ -79,11 +80,15 @@ def _metrics(ctx, qcfg, qparams, limit=None):
 def baselines(ctx, c, setting):
   """-> list of run dicts and {name: (qcfg, qparams)} of the no-search baselines."""
   cfg, params, calib, fp_ref = ctx["cfg"], ctx["params"], ctx["calib"], ctx["fp_ref"]
-  ref = quant_config(c)
-  variants = {"init-reference": reference_init(ref)}
+  # the plain start (FQ-ViT's recipe, whatever the config's) and its variants;
+  # init-reference is the same with bias correction
+  ref = dataclasses.replace(quant_config(c), recipe="fqvit", bias_correction=False)
+  variants = {"init-reference": reference_init(ref),
+              "init-reference-ends8": resolve_quant(
+                  cfg, dataclasses.replace(reference_init(ref), keep_ends_8bit=True))}
   for o in dict.fromkeys([ref.w_observer, "minmax", "omse", "percentile"]):
     variants[f"init-{o}"] = dataclasses.replace(ref, w_observer=o)
-  corrected = dataclasses.replace(ref, bias_correction=True)
+  corrected = dataclasses.replace(ref, bias_correction=True, recipe="reference")
   if corrected != variants["init-reference"]:
     variants[f"init-{ref.w_observer}+bias-correction"] = corrected
   starts, runs = {}, []
@@ -104,8 +109,10 @@ def baselines(ctx, c, setting):
               "calibration_fitness": calibration_fitness(cfg, qcfg, params, qp, calib, fp_ref,
                                                          ctx["yardstick"]),
               "config": {"quant": dataclasses.asdict(qcfg)}, **_metrics(ctx, qcfg, qp)})
-  best = min(runs, key=lambda r: r["calibration_fitness"])["method"]
+  best = min((r for r in runs if not r["method"].endswith("-ends8")),  # fully quantized
+             key=lambda r: r["calibration_fitness"])["method"]
   starts["reference"] = starts["init-reference"]
+  starts["reference-ends8"] = starts["init-reference-ends8"]
   starts["best"] = starts[best]
   for r in runs:
     r["extra"]["best_no_search_by_calibration"] = r["method"] == best
@@ -271,12 +278,14 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
       add_point({"candidates": rec["candidates"], "fitness": rec["fitness"],
                  **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
-             holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"], on_block=on_block,
+             holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"],
+             holdout_rule="best_significant", on_block=on_block,
              workdir=folder, resume=folder is not None)
   curve = _unique(curve)
   final = _metrics(ctx, qcfg, r.qparams)
   last = final if r.selected_pass == scfg.passes else _metrics(ctx, qcfg, r.last_qparams)
-  extra = {"start": {"best": best, "reference": "init-reference"}.get(start, start),
+  extra = {"start": {"best": best, "reference": "init-reference",
+                     "reference-ends8": "init-reference-ends8"}.get(start, start),
            "own_loss_init": r.fitness_init, "selected_pass": r.selected_pass,
            "holdout": r.holdout, "last_pass_test_top1": last["test_top1"], "curve": curve,
            # the 1-min load average at the end: "seconds" is only a timing when idle

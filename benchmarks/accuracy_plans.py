@@ -3,7 +3,10 @@
 
 A method is (start, SearchConfig overrides, budget shape):
   start:  "reference" = init-reference (the reference run script's start),
-          "best" = the no-search baseline with the lowest calibration loss;
+          "reference-ends8" = the same with the first and last layers at 8-bit
+          weights (the reconstruction papers' layout),
+          "best" = the no-search baseline with the lowest calibration loss
+          (among the fully quantized ones);
   shape:  None = the grid's budget (passes x generations x children candidate
           evaluations per unit, plus its start) in the method family's own
           settings; or a dict of settings whose "passes": "equal" is solved so
@@ -53,6 +56,15 @@ SEARCHES = {
     # schedule starts at the sweep's pick on W3A4's calibration loss (0.3) and falls to ~0
     "grad-adam-cosine": ("reference", {"strategy": "adam", "lr": 0.3, "lr_schedule": "cosine"},
                          None),
+    # block reconstruction with learned rounding (issue 31): one pass from the first unit at
+    # its own budget (search.recon_iters Adam steps a unit), not the grid's
+    "adaround": ("reference", {"strategy": "adaround"}, None),
+    "adaround-qdrop": ("reference", {"strategy": "adaround", "qdrop": True, "recon_acts": True},
+                       None),
+    # the layout of the reconstruction papers: first and last layers at 8-bit weights
+    "adaround-qdrop-ends8": ("reference-ends8", {"strategy": "adaround", "qdrop": True,
+                                                 "recon_acts": True}, None),
+    "evolq-infonce-ends8": ("reference-ends8", {}, None),
     "evolq-infonce-4x": ("reference", {}, {"passes": "4x"}),
     # Sep-CMA-ES: the evosax strategy with the lowest mean W3A4 calibration loss at 1x
     "sep-cma-es-eq-4x": ("reference", {"strategy": "Sep_CMA_ES"},
@@ -93,6 +105,7 @@ CIFAR10_PLAN = [
     (("HARD", "W3A8"), ("evolq-mse", "evolq-kl", "evolq-cosine", "evolq-infonce-acts")),
     (("HARD", "W3A8"), ("evolq-infonce-4x", "sep-cma-es-eq-4x")),
     (("HARD",), ("grad-adam-cosine",)),
+    (("HARD", "W4A4"), ("adaround", "adaround-qdrop")),
 ]
 CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
                   for m in ("evolq-infonce", "grad-adam-wall", "evolq-infonce-4x",
@@ -104,10 +117,12 @@ CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
 LITE_SEARCHES = ("evolq-infonce", "snes-eq", "grad-adam")
 # The 4-bit settings, where init-reference loses 20-30 points, come first; W6A6 and
 # W8A8 (within the interval of FP) last.
+RECONSTRUCTION = ("adaround", "adaround-qdrop", "adaround-qdrop-ends8")
 EFFICIENTNET_PLAN = [
     (("W8A8", "W6A6", "W4A8", "W4A4"), ()),
     (("W4A8", "W4A4"), LITE_SEARCHES),
     (("W6A6", "W8A8"), LITE_SEARCHES),
+    (("W4A4", "W4A8"), RECONSTRUCTION),
 ]
 EFFICIENTNET_CURVES = {(s, "evolq-infonce") for s in ("W4A8", "W4A4")}
 

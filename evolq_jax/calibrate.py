@@ -81,7 +81,8 @@ def calibrate(cfg, qcfg: QuantConfig, params, images, batch_size: int = 100,
     states = _fold_batch(cfg, qcfg, params, states, batch)
   _check_finite(states)
   acts = _finalize(cfg, qcfg, params, states, batches[-1])
-  qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts=acts)
+  qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer,
+                                                    qcfg.weight_rules), acts=acts)
   bad = non_finite_paths(qparams)
   if bad:
     raise ValueError(f"calibration produced NaN/inf quantization parameters at {', '.join(bad[:6])}"

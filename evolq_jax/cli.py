@@ -54,10 +54,16 @@ def cmd_train(args):
         f"({summary['seconds']:.0f} s); params in {args.workdir}/params.safetensors")
 
 
+def _init_label(s):
+  """'W3A8 init (reference)': the start a run's quant recipe gives."""
+  recipe = s.get("quant", {}).get("recipe", "fqvit")  # runs before recipes: FQ-ViT's start
+  return f"W{s['w_bits']}A{s['a_bits']} init ({recipe})"
+
+
 def _print_eval(s):
   from evolq_jax.pipeline import format_table
   rows = [{"model": "FP32", "top1": s["fp_top1"], "top5": s["fp_top5"], "agree": 100.0},
-          {"model": f"W{s['w_bits']}A{s['a_bits']} (FQ-ViT init)", "top1": s["init_top1"],
+          {"model": _init_label(s), "top1": s["init_top1"],
            "top5": s["init_top5"], "agree": s["init_agreement"]}]
   print(format_table(rows, ["model", "top1", "top5", "agree"]))
   print(f"{s['model']}: {s['calib_images']} calibration / {s['test_images']} test images, "
@@ -75,7 +81,7 @@ def _print_search(s, workdir):
   from evolq_jax.pipeline import format_table
   rows = [{"model": "FP32", "top1": s["fp_top1"], "top5": s["fp_top5"], "agree": 100.0,
            "calib loss": ""},
-          {"model": f"W{s['w_bits']}A{s['a_bits']} FQ-ViT init", "top1": s["init_top1"],
+          {"model": _init_label(s), "top1": s["init_top1"],
            "top5": s["init_top5"], "agree": s["init_agreement"], "calib loss": s["fitness_init"]},
           {"model": f"W{s['w_bits']}A{s['a_bits']} Evol-Q ({s['strategy']}, {s['loss']})",
            "top1": s["final_top1"], "top5": s["final_top5"], "agree": s["final_agreement"],
@@ -114,14 +120,20 @@ def cmd_search(args):
 DEMO_SEARCH = dict(passes=2, generations=4, children=8)
 
 
-def cmd_demo(args):
-  from evolq_jax.pipeline import run_search
+def demo_config(overrides=()):
+  """The demo's run: the bundled fixture at W3A8, the default recipe, DEMO_SEARCH."""
   c = base_config()
   c.quant.w_bits, c.quant.a_bits = 3, 8
   c.search.update(DEMO_SEARCH)
-  apply_overrides(c, args.set)
+  return apply_overrides(c, overrides)
+
+
+def cmd_demo(args):
+  from evolq_jax.pipeline import run_search
+  c = demo_config(args.set)
   print("evolq demo: the bundled Fashion-MNIST ViT fixture at "
-        f"W{c.quant.w_bits}A{c.quant.a_bits}: FQ-ViT calibration on {c.calib.num_images} "
+        f"W{c.quant.w_bits}A{c.quant.a_bits}: calibration ({c.quant.recipe} recipe) on "
+        f"{c.calib.num_images} "
         f"images, Evol-Q search ({c.search.passes} passes x {c.search.generations} generations "
         f"x {c.search.children} children per block), evaluation on the 10,000 test images")
   # the demo's folder is its own: a new demo replaces the last one

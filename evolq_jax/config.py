@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from evolq_jax.quant.recipe import QuantConfig, parse_bits
+from evolq_jax.search.bits import BitsConfig
 from evolq_jax.search.settings import RENAMED, SearchConfig
 
 # --- Run configuration (ml_collections) ------------------------------------
@@ -20,14 +21,19 @@ def base_config():
       source="bundled", dir="", name="imagenet2012", data_dir="", train_split="train",
       test_split="validation", limit=0))
   c.calib = ml_collections.ConfigDict(dict(num_images=1000, batch_size=100, seed=0))
-  # Held-out training images (not calibration) whose top-1 picks among the
-  # search's passes, the FQ-ViT init counting as pass 0; 0 = keep the last pass.
-  # A pass replaces the init only if a one-sided sign test on the images they
-  # disagree on gives p < alpha (1.0 = no test).
-  c.holdout = ml_collections.ConfigDict(dict(num_images=0, alpha=0.05))
+  # Held-out training images (not calibration) on which `rule` picks among the
+  # search's passes, the init counting as pass 0; num_images 0 = keep the last
+  # pass. last_unless_worse: the last pass, unless a one-sided sign test on the
+  # images it and the init disagree on says it is worse (p < alpha; then the
+  # init). best_significant: the best pass whose gain passes the test, else the
+  # init. alpha 1.0 = no test. (search/selection.py; evidence: pick_study.md.)
+  c.holdout = ml_collections.ConfigDict(dict(num_images=0, alpha=0.05,
+                                             rule="last_unless_worse"))
   c.quant = _defaults(QuantConfig)
   c.eval = ml_collections.ConfigDict(dict(batch_size=500, limit=0))
   c.search = _defaults(SearchConfig)
+  # per-layer weight bits under a budget, chosen before the search (search/bits.py)
+  c.bits = _defaults(BitsConfig)
   c.seed = 0
   return c
 
@@ -39,11 +45,27 @@ def _defaults(cls):
 
 
 def quant_config(c) -> QuantConfig:
-  return QuantConfig(**c.quant.to_dict())
+  """The run's QuantConfig, resolved for its model (keep_ends_8bit's layers)."""
+  qcfg = QuantConfig(**c.quant.to_dict())
+  if qcfg.keep_ends_8bit:
+    from evolq_jax.models import get_preset, resolve_quant
+    qcfg = resolve_quant(get_preset(c.model), qcfg)
+  return qcfg
 
 
 def search_config(c) -> SearchConfig:
   return SearchConfig(**c.search.to_dict())
+
+
+def mixed_bits_config(c) -> BitsConfig:
+  """The run's bits.* section (c.bits; runs recorded before it have none: off)."""
+  if "bits" not in c:
+    return BitsConfig()
+  b = BitsConfig(**c.bits.to_dict())
+  if b.on and c.quant.keep_ends_8bit:
+    raise ValueError("bits.w_budget and quant.keep_ends_8bit are both set: the bit search "
+                     "chooses every layer's width; drop one.")
+  return b
 
 
 def load_config(spec: str):

@@ -104,18 +104,22 @@ def _integral(x, what: str) -> np.ndarray:
 # --- one layer, one quantizer ------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _codes_and_affine(w, scale, zero_point, spec: BitSpec):
+def _codes_and_affine(w, scale, zero_point, spec: BitSpec, rounding=None):
   """One program per kernel shape (layers of one shape share it; eagerly, every op of
   every layer would compile on its own)."""
-  q = quantize(w, scale, zero_point, spec)  # the fake-quant's codes, bit for bit
+  q = quantize(w, scale, zero_point, spec, rounding)  # the fake-quant's codes, bit for bit
   return q, bias_correction_affine(w, dequantize(q, scale, zero_point))
 
 
-def integer_layer(kernel, bias, scale, zero_point, spec: BitSpec, bias_correction: bool):
-  """A kernel (..., out) and its QParams -> (arrays, manifest entry) of the export."""
+def integer_layer(kernel, bias, scale, zero_point, spec: BitSpec, bias_correction: bool,
+                  rounding=None):
+  """A kernel (..., out) and its QParams -> (arrays, manifest entry) of the export.
+  rounding: the learned 0/1 per weight of a reconstruction (None: to nearest)."""
   w = jnp.asarray(kernel, jnp.float32)
   q, (gain, shift) = _codes_and_affine(w, jnp.asarray(scale, jnp.float32),
-                                       jnp.asarray(zero_point, jnp.float32), spec)
+                                       jnp.asarray(zero_point, jnp.float32), spec,
+                                       None if rounding is None else jnp.asarray(rounding,
+                                                                                 jnp.float32))
   zp = _integral(zero_point, "a weight quantizer")
   arrays = {"codes": pack_codes(np.asarray(q - spec.qmin), spec.bits),
             "zero_point": (zp - spec.qmin).astype(np.int32)}
@@ -178,7 +182,8 @@ def build_export(cfg, qcfg: QuantConfig, params, qparams, source: dict | None = 
                        "evolq_jax.calibrate for this model.")
     a, layers[name] = integer_layer(flat[path + ("kernel",)], flat.get(path + ("bias",)),
                                     wq[path + ("scale",)], wq[path + ("zero_point",)],
-                                    qcfg.w_spec, qcfg.bias_correction)
+                                    qcfg.w_spec_of(path), qcfg.bias_correction,
+                                    wq.get(path + ("rounding",)))
     arrays.update({f"weights/{name}/{k}": v for k, v in a.items()})
   owned = {p + (leaf,) for p in layer_paths for leaf in ("kernel", "bias")}
   arrays.update({f"float/{'/'.join(k)}": np.asarray(v, np.float32)
@@ -194,7 +199,7 @@ def build_export(cfg, qcfg: QuantConfig, params, qparams, source: dict | None = 
       "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
       "model": {"family": family_of(cfg).name, "preset": cfg.name,
                 "config": dataclasses.asdict(cfg)},
-      "quant": dataclasses.asdict(qcfg),
+      "quant": json.loads(json.dumps(dataclasses.asdict(qcfg))),  # tuples as JSON lists
       "input": {"layout": "NHWC", "dtype": "float32", "preprocess": cfg.preprocess,
                 "normalize": {k: list(cfg.transform[k]) for k in ("mean", "std")}},
       "weights": layers, "acts": acts, "source": source or {}}

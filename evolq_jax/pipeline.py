@@ -14,17 +14,20 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cache import enable_xla_cache
 from evolq_jax.compilation import CompileLog
-from evolq_jax.config import QuantConfig, quant_config, search_config
+from evolq_jax.config import QuantConfig, mixed_bits_config, quant_config, search_config
 from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
 from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
 from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
+from evolq_jax.quant.weights import calibrate_weights
+from evolq_jax.search.selection import check_rule
 from evolq_jax.workdir import code_version, open_run, write_atomic, write_json
 
 CHECKPOINT_DIR = os.path.join(os.path.dirname(__file__), "checkpoints")
@@ -75,7 +78,8 @@ def check_sizes(c, search: bool = False) -> None:
   alpha = c.holdout.alpha
   if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
     raise ValueError(f"holdout.alpha={alpha!r} must be a number in (0, 1]: the sign test's "
-                     "level (0.05 by default; 1.0 = keep the best pass without a test).")
+                     "level (0.05 by default; 1.0 = no test).")
+  check_rule(c.holdout.rule)
   if n % b:
     raise ValueError(f"calib.num_images={n} is not a multiple of calib.batch_size={b}: "
                      f"calibration would drop the last {n % b} images. Use {n - n % b or b} or "
@@ -162,6 +166,9 @@ def _calibrated(c, progress: bool):
   desc = (lambda s: s) if progress else (lambda s: None)  # noqa: E731
   fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
   qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
+  chosen = None
+  if mixed_bits_config(c).on:  # per-layer widths first; the activations' statistics stay
+    qcfg, qparams, chosen = _choose_bits(c, cfg, qcfg, params, qparams, data["calib"], progress)
   init = classification_metrics(
       predict(cfg, params, test_x, qcfg, qparams, c.eval.batch_size, desc(f"eval {qcfg.name}")),
       test_y, fp)
@@ -173,7 +180,23 @@ def _calibrated(c, progress: bool):
       "fp_top1": fp_m["top1"], "fp_top5": fp_m["top5"],
       "init_top1": init["top1"], "init_top5": init["top5"], "init_agreement": init["agreement"],
   }
+  if chosen is not None:
+    summary["bits"] = chosen.to_json()
   return cfg, qcfg, params, data, fp, qparams, summary, desc
+
+
+def _choose_bits(c, cfg, qcfg, params, qparams, calib, progress):
+  """-> (qcfg at the chosen widths, QParams with its weights recalibrated, BitsResult)."""
+  from evolq_jax.search.bits import choose_bits
+  from evolq_jax.search.fitness import reference_logits
+  bcfg, scfg = mixed_bits_config(c), search_config(c)
+  images = calib[:bcfg.images]
+  fp_ref = reference_logits(cfg, params, jnp.asarray(images))
+  chosen = choose_bits(cfg, qcfg, bcfg, params, qparams.acts, images, fp_ref, seed=c.seed,
+                       loss=scfg.loss, temperature=scfg.temperature, progress=progress)
+  qcfg = dataclasses.replace(qcfg, layer_bits=chosen.rules(qcfg.w_bits))
+  weights = calibrate_weights(params, qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules)
+  return qcfg, qparams.replace(weights=weights), chosen
 
 
 def calibrate_on_split(c, cfg, qcfg, params, test_limit: int = 0, progress: bool = True):
@@ -230,6 +253,7 @@ def run_eval(c, workdir: str | None = None, progress: bool = True,
   start = time.time()
   check_sizes(c)
   quant_config(c)  # every quant field, before any work
+  mixed_bits_config(c)
   enable_xla_cache()
   if not workdir:
     return _eval(c, None, progress, start)
@@ -261,6 +285,7 @@ def run_search(c, workdir: str, resume: bool = False, progress: bool = True,
   start = time.time()
   check_sizes(c, search=True)
   quant_config(c)  # every field, before any work, the searched units and layers included
+  mixed_bits_config(c)
   search_config(c).space.searched_units(units(get_preset(c.model)))
   enable_xla_cache()
   with open_run(workdir, "search", _config_dict(c), resume=resume, overwrite=overwrite):
@@ -282,12 +307,13 @@ def _search(c, workdir, resume, progress, start) -> dict:
   test_x, test_y = data["test"]
   result = search(cfg, qcfg, params, qparams0, data["calib"], scfg, seed=c.seed,
                   workdir=workdir, resume=resume, progress=progress,
-                  holdout=data.get("holdout"), holdout_alpha=c.holdout.alpha)
+                  holdout=data.get("holdout"), holdout_alpha=c.holdout.alpha,
+                  holdout_rule=c.holdout.rule)
   final = classification_metrics(
       predict(cfg, params, test_x, qcfg, result.qparams, c.eval.batch_size, desc("eval final")),
       test_y, fp)
   if "holdout" in data:  # report the last pass too, so the pick's effect is visible
-    last = (final if result.selected_pass == scfg.passes else classification_metrics(
+    last = (final if result.qparams is result.last_qparams else classification_metrics(
         predict(cfg, params, test_x, qcfg, result.last_qparams, c.eval.batch_size), test_y, fp))
     summary.update({"holdout_images": int(len(data["holdout"][0])),
                     "selected_pass": result.selected_pass, "holdout": result.holdout,

@@ -123,7 +123,13 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def differences(old: dict, new: dict) -> list:
-  """'field (old -> new)' for each result-changing config field that differs."""
+  """'field (old -> new)' for each result-changing config field that differs. A field
+  the recorded run lacks (it was made by a version without it) counts as its default."""
+  from evolq_jax.config import config_from_dict
+  try:
+    old = json.loads(json.dumps(config_from_dict(old).to_dict(), default=str))
+  except ValueError:  # a recorded field that no longer fits: compare as recorded
+    pass
   a, b = flatten(old), flatten(new)
   return [f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
           for k in sorted(set(a) | set(b)) if k not in SPEED_ONLY and a.get(k) != b.get(k)]

@@ -23,7 +23,7 @@ RUNS = {
                  "search.acts=True", "search.layers=('qkv','proj','fc1','fc2')"],
 }
 # the last two of the fixture's 6 units: every program a search builds, at a third of the compiles
-COMMON = ["calib.num_images=200", "search.loss_batch=100", "eval.limit=500",
+COMMON = ["quant.recipe='fqvit'", "calib.num_images=200", "search.loss_batch=100", "eval.limit=500",
           "search.units=(-2,-1)"]
 
 

@@ -62,7 +62,8 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
   # the cell has 3 checkpoints; --resume searches the other 3 visits only
   _grid_here(tmp_path, monkeypatch, stop_after=3)
   assert {r["method"] for r in json.loads((tmp_path / "grid.json").read_text())["runs"]} == \
-      {"init-reference", "init-minmax", "init-omse", "init-percentile", "clip-ratio"}
+      {"init-reference", "init-reference-ends8", "init-minmax", "init-omse", "init-percentile",
+       "clip-ratio"}
   cells = tmp_path / "runs" / "accuracy" / "grid"
   (cell,) = cells.iterdir()
   assert cell.name.startswith("W4A8_evolq-infonce_s0_")
@@ -76,8 +77,10 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
   assert not list(cells.iterdir())  # a finished cell's checkpoints are removed
   runs = json.loads((tmp_path / "grid.json").read_text())["runs"]
   by_method = {r["method"]: r for r in runs}
-  assert set(by_method) == {"init-reference", "init-minmax", "init-omse", "init-percentile",
-                            "clip-ratio", "evolq-infonce"}
+  assert set(by_method) == {"init-reference", "init-reference-ends8", "init-minmax", "init-omse",
+                            "init-percentile", "clip-ratio", "evolq-infonce"}
+  ends = by_method["init-reference-ends8"]["config"]["quant"]
+  assert ends["keep_ends_8bit"] and ends["end_layers"] == ["patch_embed", "head"]
   for r in runs:
     assert all(k in r for k in FIELDS), sorted(set(FIELDS) - set(r))
     assert r["setting"] == "W4A8" and 0 <= r["test_top1"] <= r["test_top5"] <= 100
@@ -263,6 +266,17 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   assert t["sign_test_p"] == pytest.approx(7 / 8)  # P(>= 1 of 3 go the last pass's way)
   assert (t["tie_rule_moves"], t["tie_rule_known"]) == (2, 1)
   assert t["tie_rule_mean_gain"] == pytest.approx(6.8)
+  # the CLI's rules, where the records count fixed and broken images: the last pass broke
+  # 30 and fixed 5 (p ~ 1e-5 worse): last_unless_worse keeps the init, whose test top-1 is
+  # the start's record; best_significant keeps pass 1 (20 fixed, 10 broken: p = 0.049)
+  counted = run(1, [50, 60, 48], 61.0, 55.0, (3.0, 2.0, 1.0))
+  for h, (fixed, broken) in zip(counted["extra"]["holdout"], [(0, 0), (20, 10), (5, 30)]):
+    h.update(fixed=fixed, broken=broken,
+             p_value=pick_study.sign_test(fixed, broken))
+  counted["extra"]["start"] = "init-reference"
+  r = pick_study.compare(counted, {("W4A8", "init-reference"): 58.0})
+  assert r["rules"] == {"last_unless_worse": [0, 58.0], "best_significant": [1, 61.0]}
+  assert pick_study.rule_tally([r])["rules"]["last_unless_worse"]["keeps_init"] == 1
   (tmp_path / "g.json").write_text(json.dumps({"runs": runs, "holdout_images": 100}))
   out = {}
   monkeypatch.setattr(pick_study, "write_results", lambda name, payload, md: out.update(payload))

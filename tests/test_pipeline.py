@@ -25,13 +25,15 @@ def test_eval_command_writes_summary(tmp_path, capsys):
   assert (s["model"], s["w_bits"], s["a_bits"]) == ("vit_fixture_patch4_28", 4, 8)
   assert s["test_images"] == 100 and s["calib_images"] == 40
   assert 0 <= s["init_top1"] <= 100 and s["seconds"] > 0
-  assert "FQ-ViT init" in capsys.readouterr().out
+  assert s["quant"]["recipe"] == "reference" and s["quant"]["bias_correction"]  # the default
+  assert "W4A8 init (reference)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("override, message", [
     ("quant.w_bits=9", r"bits=9.*\[2, 8\]"),
     ("quant.a_bits=1", r"bits=1.*\[2, 8\]"),
     ("quant.w_observer='median'", "w_observer='median'"),
+    ("quant.recipe='brecq'", "recipe='brecq' is unknown.*fqvit"),
     ("model='deit_huge'", "model='deit_huge' is unknown"),
     ("data.source='idx'", None),  # with a missing folder, below
     ("data.source='parquet'", "data.source='parquet' is unknown"),

@@ -1,5 +1,6 @@
 """The search engine against independent references."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -263,7 +264,8 @@ def test_holdout_picks_among_passes_and_resumes(setup, tmp_path, monkeypatch):
   params, x, qparams, _ = setup
   scfg = SearchConfig(passes=2, generations=2, children=3, pool=4, loss_batch=LB)
   run = lambda labels, **kw: search(CFG, QCFG, params, qparams, x, scfg, progress=False,  # noqa
-                                    holdout=(x, labels), holdout_alpha=1.0, **kw)
+                                    holdout=(x, labels), holdout_alpha=1.0,
+                                    holdout_rule="best_significant", **kw)
   # Labels = the init's own predictions: init scores 100 and no pass beats it.
   r = run(_predict(params, qparams, x))
   assert r.selected_pass == 0 and [h["pass"] for h in r.holdout] == [0, 1, 2]
@@ -290,14 +292,23 @@ def test_sign_test_and_the_pick():
   assert selection.sign_test(10, 10) == pytest.approx(0.5881, abs=1e-4)
   assert selection.sign_test(0, 7) == 1.0
   rec = lambda p, top1, fixed, broken: {"pass": p, "holdout_top1": top1,  # noqa: E731
+                                        "fixed": fixed, "broken": broken,
                                         "p_value": selection.sign_test(fixed, broken)}
   init = rec(0, 90.0, 0, 0)
+  best = functools.partial(selection.pick, rule="best_significant")
   # +0.25 points from 30 fixed vs 25 broken: noise (p ~ 0.3), the init stays ...
-  assert selection.pick([init, rec(1, 90.25, 30, 25)], 0.05) == 0
+  assert best([init, rec(1, 90.25, 30, 25)], 0.05) == 0
   # ... unless the test is off; a clear gain passes it; the best of those wins.
-  assert selection.pick([init, rec(1, 90.25, 30, 25)], 1.0) == 1
-  assert selection.pick([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 1
-  assert selection.pick([init, rec(1, 89.0, 5, 25)], 1.0) == 0
+  assert best([init, rec(1, 90.25, 30, 25)], 1.0) == 1
+  assert best([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 1
+  assert best([init, rec(1, 89.0, 5, 25)], 1.0) == 0
+  # The default keeps the last pass, better or not, unless it is significantly worse.
+  assert selection.pick([init, rec(1, 90.5, 40, 10), rec(2, 90.4, 38, 10)], 0.05) == 2
+  assert selection.pick([init, rec(1, 89.75, 25, 30)], 0.05) == 1  # -0.25: noise
+  assert selection.pick([init, rec(1, 89.0, 5, 25)], 0.05) == 0  # p ~ 2e-4: worse
+  assert selection.pick([init, rec(1, 89.0, 5, 25)], 1.0) == 1  # no test
+  with pytest.raises(ValueError, match="holdout.rule='best'.*last_unless_worse"):
+    selection.pick([init], 0.05, rule="best")
 
 
 @pytest.mark.parametrize("kw, message", [

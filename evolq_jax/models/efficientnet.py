@@ -289,4 +289,5 @@ def pip_checkpoint(model: str) -> str:
 TRANSFORMS = (Transform("lite", 224 / 256, "bicubic", (127 / 255,) * 3, (128 / 255,) * 3),)
 
 FAMILY = Family("efficientnet", EfficientNetLite, PRESETS, units, act_rules, candidate_bytes,
-                TIMM_TABLE, prepare, TRANSFORMS, unit_kinds=unit_kinds)
+                TIMM_TABLE, prepare, TRANSFORMS, unit_kinds=unit_kinds,
+                end_layers=("stem", "classifier"))

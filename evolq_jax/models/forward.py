@@ -7,6 +7,7 @@ channel with `qparams.weights`, then the model in "quant" mode with
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -25,6 +26,14 @@ def units(cfg):
 def act_rules(cfg, qcfg: QuantConfig) -> tuple:
   """The recipe's activation rules for this model's quantization points."""
   return family_of(cfg).act_rules(qcfg)
+
+
+def resolve_quant(cfg, qcfg: QuantConfig) -> QuantConfig:
+  """qcfg with what depends on the model filled in: the family's end layers for
+  keep_ends_8bit (a no-op otherwise)."""
+  if not qcfg.keep_ends_8bit:
+    return qcfg
+  return dataclasses.replace(qcfg, end_layers=family_of(cfg).end_layers)
 
 
 def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None,
@@ -55,7 +64,8 @@ def fp_logits(cfg, params, images, **kw):
 def quantize_params(qcfg: QuantConfig, params, qparams, ste: bool = False):
   """Every kernel fake-quantized with its scales (one program: run eagerly, each
   layer's few elementwise ops would dispatch, and compile, on their own)."""
-  return quantize_weights(params, qparams.weights, qcfg.w_spec, qcfg.bias_correction, ste)
+  return quantize_weights(params, qparams.weights, qcfg.w_spec, qcfg.bias_correction, ste,
+                          qcfg.weight_rules)
 
 
 def quantized_logits(cfg, qcfg: QuantConfig, params, qparams, images, ste: bool = False, **kw):

@@ -30,13 +30,16 @@ from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from evolq_jax.quant import markers
 from evolq_jax.quant.log2 import log2_fake_quant
 from evolq_jax.quant.recipe import QuantConfig, rule_for
 from evolq_jax.quant.uniform import fake_quant, fake_quant_ste
 
-MODES = ("fp", "calib", "quant", "quant_ste", "int")
+MODES = ("fp", "calib", "quant", "quant_ste", "quant_drop", "int")
+QUANT_MODES = ("quant", "quant_ste", "quant_drop", "int")
+QDROP_KEEP = 0.5  # QDrop: each activation keeps its quantization with this probability
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -121,6 +124,9 @@ class Family:
   # cfg -> one key per unit: equal keys = the same function of the unit's own subtrees,
   # so consecutive ones share compiled programs (segments.py); None = a unit of its own
   unit_kinds: Optional[Callable] = None
+  # patterns of its first and last quantized layers (the stem or patch embedding, the
+  # classifier heads): what QuantConfig.keep_ends_8bit keeps at 8-bit weights
+  end_layers: tuple = ()
 
   def __post_init__(self):  # a family's preprocessing is known by name once it exists
     for t in self.transforms:
@@ -151,7 +157,9 @@ class QuantPoint(nn.Module):
 
   Modes: "fp" passes x through, "calib" records it, "quant"/"quant_ste"
   fake-quantize it, "int" fake-quantizes it through a named mark that the
-  integer backends (evolq_jax.integer) turn into integer codes.
+  integer backends (evolq_jax.integer) turn into integer codes. "quant_drop"
+  (QDrop, for reconstruction) is "quant_ste" with each value's quantization
+  dropped at random (kept with probability QDROP_KEEP; rng stream "qdrop").
 
   `rules` (the recipe's ActRules) pick the quantizer by the point's path;
   `aq` is this module's subtree of QParams.acts.
@@ -169,15 +177,19 @@ class QuantPoint(nn.Module):
       if rule.quantizer == "log2":
         return markers.act_log2(x, self.quant.prob_bits)
       return markers.act_qdq(x, aq[name]["scale"], aq[name]["zero_point"], self.quant.a_bits)
-    elif self.mode in ("quant", "quant_ste"):
-      ste = self.mode == "quant_ste"
+    elif self.mode in ("quant", "quant_ste", "quant_drop"):
+      ste = self.mode != "quant"
       rule = rule_for(self.rules, "/".join(self.path + (name,)))
       if rule.quantizer == "log2":
         y = log2_fake_quant(x, self.quant.prob_spec)
-        return x + jax.lax.stop_gradient(y - x) if ste else y
-      q = aq[name]
-      return (fake_quant_ste if ste else fake_quant)(x, q["scale"], q["zero_point"],
-                                                     self.quant.a_spec)
+        y = x + jax.lax.stop_gradient(y - x) if ste else y
+      else:
+        q = aq[name]
+        y = (fake_quant_ste if ste else fake_quant)(x, q["scale"], q["zero_point"],
+                                                    self.quant.a_spec)
+      if self.mode == "quant_drop":
+        y = jnp.where(jax.random.bernoulli(self.make_rng("qdrop"), QDROP_KEEP, x.shape), y, x)
+      return y
     return x
 
   def sub(self, aq, name):
@@ -205,7 +217,7 @@ class QuantPoint(nn.Module):
   def check_mode(self, aq):
     if self.mode not in MODES:
       raise ValueError(f"mode={self.mode!r} is unknown: expected one of {MODES}.")
-    if self.mode in ("quant", "quant_ste", "int") and (aq is None or self.quant is None):
+    if self.mode in QUANT_MODES and (aq is None or self.quant is None):
       raise ValueError("mode='quant' needs activation qparams and a QuantConfig: "
                        "run evolq_jax.calibrate first.")
 

@@ -328,4 +328,5 @@ def prepare(flat: dict, cfg: LevitConfig) -> dict:
 TRANSFORMS = (Transform("levit", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
 
 FAMILY = Family("levit", Levit, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE, prepare,
-                TRANSFORMS, unit_kinds=unit_kinds)
+                TRANSFORMS, unit_kinds=unit_kinds,
+                end_layers=("stem/conv1", "head", "head_dist"))

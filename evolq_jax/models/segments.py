@@ -33,19 +33,27 @@ import numpy as np
 from evolq_jax.models.registry import family_of
 
 
-def unit_kinds(cfg) -> tuple:
+def unit_kinds(cfg, qcfg=None) -> tuple:
+  """One key per unit (Family.unit_kinds); with a QuantConfig whose layers take
+  their own bits, a key also holds its unit's weight bits, so that units at
+  different bits never share a program."""
   fam = family_of(cfg)
-  n = len(fam.units(cfg))
+  unit_list = fam.units(cfg)
+  n = len(unit_list)
   kinds = tuple(fam.unit_kinds(cfg)) if fam.unit_kinds else (None,) * n
   if len(kinds) != n:
     raise ValueError(f"family {fam.name!r}: unit_kinds gives {len(kinds)} keys for the "
                      f"{n} units of {cfg.name!r}.")
+  if qcfg is not None and qcfg.weight_rules:
+    kinds = tuple(None if k is None else
+                  (k, tuple(qcfg.w_spec_of(layer.path).bits for layer in u.layers))
+                  for k, u in zip(kinds, unit_list))
   return kinds
 
 
-def segments(cfg) -> tuple:
+def segments(cfg, qcfg=None) -> tuple:
   """((start, stop), ...) covering the units in order: maximal runs of equal keys."""
-  kinds, out, start = unit_kinds(cfg), [], 0
+  kinds, out, start = unit_kinds(cfg, qcfg), [], 0
   for i in range(1, len(kinds) + 1):
     if i == len(kinds) or kinds[i] is None or kinds[i] != kinds[start]:
       out.append((start, i))
@@ -53,9 +61,9 @@ def segments(cfg) -> tuple:
   return tuple(out)
 
 
-def segment_of(cfg, unit: int) -> tuple:
+def segment_of(cfg, unit: int, qcfg=None) -> tuple:
   """The (start, stop) of the segment holding `unit`."""
-  return next(s for s in segments(cfg) if s[0] <= unit < s[1])
+  return next(s for s in segments(cfg, qcfg) if s[0] <= unit < s[1])
 
 
 def shared(seg) -> bool:

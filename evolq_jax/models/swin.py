@@ -337,4 +337,5 @@ TIMM_TABLE = (
 TRANSFORMS = (Transform("swin", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
 
 FAMILY = Family("swin", SwinTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                prepare, TRANSFORMS, unit_kinds=unit_kinds)
+                prepare, TRANSFORMS, unit_kinds=unit_kinds,
+                end_layers=("patch_embed/proj", "head"))

@@ -187,4 +187,5 @@ TRANSFORMS = (
 )
 
 FAMILY = Family("vit", VisionTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                transforms=TRANSFORMS, unit_kinds=unit_kinds)
+                transforms=TRANSFORMS, unit_kinds=unit_kinds,
+                end_layers=("patch_embed", "head"))

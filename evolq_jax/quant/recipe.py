@@ -19,6 +19,16 @@ from evolq_jax.quant.observers import check_observer
 
 QUANTIZERS = ("uniform", "ptf", "log2")
 
+# Named starts: the QuantConfig fields a recipe sets when the config leaves them
+# unset (None). Fields set explicitly always win over the recipe.
+RECIPES = {
+    # Evol-Q's run script (`--ptf --quant-method omse --bias-corr`): FQ-ViT's
+    # layout with each weight channel's mean and std matched to the FP weights.
+    "reference": dict(bias_correction=True),
+    # FQ-ViT's plain start: the same layout and observers, no bias correction.
+    "fqvit": dict(bias_correction=False),
+}
+
 
 def parse_bits(setting: str) -> tuple[int, int]:
   """'W4A8' -> (4, 8): the one parser of bit settings."""
@@ -38,8 +48,18 @@ class QuantConfig:
   ptf: Power-of-Two Factor on the residual stream (LayerNorm inputs).
   log2_softmax: attention probabilities through the log2 quantizer at
     `prob_bits` instead of a_bits uniform.
-  bias_correction: match per-channel mean/std of quantized weights.
+  bias_correction: match per-channel mean/std of quantized weights; None =
+    the recipe's (on for "reference", off for "fqvit").
   w_signed: signed symmetric weight grid instead of unsigned with zero point.
+  recipe: the named start (RECIPES) that fills the fields left at None:
+    "reference" (default; Evol-Q's start, bias correction on) | "fqvit".
+  layer_bits: per-layer weight bits, ((pattern, bits), ...): a layer whose
+    '/'-joined param path fully matches a pattern (the first that does) takes
+    its bits instead of w_bits (mixed precision; e.g. (("head", 8),)).
+  keep_ends_8bit: the model's first and last layers at 8-bit weights, as
+    BRECQ, QDrop and their successors quantize (the family names them; a run
+    config resolves them, the library with models.resolve_quant).
+  end_layers: the patterns of those layers, filled by the resolution.
   """
   w_bits: int = 8
   a_bits: int = 8
@@ -48,10 +68,38 @@ class QuantConfig:
   ptf: bool = True
   log2_softmax: bool = False
   prob_bits: int = 4
-  bias_correction: bool = False
+  bias_correction: bool | None = None
   w_signed: bool = False
+  recipe: str = "reference"
+  layer_bits: tuple = ()
+  keep_ends_8bit: bool = False
+  end_layers: tuple = ()
 
   def __post_init__(self):
+    try:
+      pairs = tuple((str(p), int(b)) for p, b in self.layer_bits)
+      ok = all(isinstance(p, str) and not isinstance(b, bool)
+               for p, b in self.layer_bits)
+    except (TypeError, ValueError):
+      ok = False
+    if not ok:
+      raise ValueError(f"quant.layer_bits={self.layer_bits!r}: expected ((pattern, bits), ...), "
+                       "e.g. (('head', 8), ('blocks_0/.*', 4)).")
+    for pattern, bits in pairs:
+      try:
+        BitSpec(bits)
+        re.compile(pattern)
+      except (ValueError, re.error) as e:
+        raise ValueError(f"quant.layer_bits entry {(pattern, bits)!r}: {e}") from None
+    object.__setattr__(self, "layer_bits", pairs)
+    object.__setattr__(self, "end_layers", tuple(str(p) for p in self.end_layers))
+    if self.recipe not in RECIPES:
+      raise ValueError(f"quant.recipe={self.recipe!r} is unknown: expected one of "
+                       f"{sorted(RECIPES)} (e.g. --set quant.recipe=fqvit for FQ-ViT's plain "
+                       "start).")
+    for name, value in RECIPES[self.recipe].items():
+      if getattr(self, name) is None:
+        object.__setattr__(self, name, value)
     for name in ("w_bits", "a_bits", "prob_bits"):
       try:
         BitSpec(getattr(self, name))
@@ -64,6 +112,20 @@ class QuantConfig:
   def w_spec(self) -> BitSpec:
     return BitSpec(self.w_bits, signed=self.w_signed)
 
+  def w_spec_of(self, path) -> BitSpec:
+    """The weight grid of the layer at `path` (a tuple of keys or a '/'-joined string)."""
+    return layer_spec(self.w_spec, self.weight_rules, path)
+
+  @property
+  def weight_rules(self) -> tuple:
+    """((pattern, bits), ...) in the order they apply: the 8-bit ends, then layer_bits."""
+    if self.keep_ends_8bit and not self.end_layers:
+      raise ValueError("quant.keep_ends_8bit=True needs the model's first and last layers: "
+                       "resolve the QuantConfig with evolq_jax.models.resolve_quant(cfg, qcfg) "
+                       "(run configs do this themselves).")
+    ends = tuple((p, 8) for p in self.end_layers) if self.keep_ends_8bit else ()
+    return ends + self.layer_bits
+
   @property
   def a_spec(self) -> BitSpec:
     return BitSpec(self.a_bits)
@@ -75,6 +137,19 @@ class QuantConfig:
   @property
   def name(self) -> str:
     return f"W{self.w_bits}A{self.a_bits}"
+
+
+@functools.lru_cache(maxsize=8192)
+def _layer_spec(spec: BitSpec, rules: tuple, name: str) -> BitSpec:
+  for pattern, bits in rules:
+    if re.fullmatch(pattern, name):
+      return dataclasses.replace(spec, bits=bits)
+  return spec
+
+
+def layer_spec(spec: BitSpec, rules: tuple, path) -> BitSpec:
+  """`spec` at the bits of the first (pattern, bits) rule matching the layer's path."""
+  return _layer_spec(spec, tuple(rules), path if isinstance(path, str) else "/".join(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,4 +208,5 @@ def reference_init(qcfg: QuantConfig) -> QuantConfig:
   on every re-quantization), OMSE activations, PTF on LayerNorm inputs,
   uniform uint8 softmax."""
   return dataclasses.replace(qcfg, w_observer="minmax", a_observer="omse", ptf=True,
-                             log2_softmax=False, bias_correction=True, w_signed=False)
+                             log2_softmax=False, bias_correction=True, w_signed=False,
+                             recipe="reference")

@@ -33,31 +33,35 @@ def qparams_from_range(lo, hi, spec: BitSpec):
   return scale, zero_point
 
 
-def quantize(x, scale, zero_point, spec: BitSpec):
-  """Real values -> integer grid (returned as floats)."""
-  return jnp.clip(jnp.round(x / scale) + zero_point, spec.qmin, spec.qmax)
+def quantize(x, scale, zero_point, spec: BitSpec, rounding=None):
+  """Real values -> integer grid (returned as floats). rounding: None = to nearest;
+  else an array like x of 0/1, learned per value (AdaRound): floor(x / scale) + rounding."""
+  q = jnp.round(x / scale) if rounding is None else jnp.floor(x / scale) + rounding
+  return jnp.clip(q + zero_point, spec.qmin, spec.qmax)
 
 
 def dequantize(q, scale, zero_point):
   return (q - zero_point) * scale
 
 
-def fake_quant(x, scale, zero_point, spec: BitSpec):
+def fake_quant(x, scale, zero_point, spec: BitSpec, rounding=None):
   """quantize then dequantize; gradients are zero almost everywhere."""
-  return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point)
+  return dequantize(quantize(x, scale, zero_point, spec, rounding), scale, zero_point)
 
 
 def _round_ste(x):
   return x + jax.lax.stop_gradient(jnp.round(x) - x)
 
 
-def fake_quant_ste(x, scale, zero_point, spec: BitSpec):
+def fake_quant_ste(x, scale, zero_point, spec: BitSpec, rounding=None):
   """fake_quant with a straight-through estimator for round (LSQ-style).
 
   Values equal fake_quant's; gradients flow to x inside the clip range and to
   scale everywhere, which is what gradient baselines over scales need.
   """
-  q = jnp.clip(_round_ste(x / scale) + zero_point, spec.qmin, spec.qmax)
+  v = x / scale
+  q = _round_ste(v) if rounding is None else v + jax.lax.stop_gradient(jnp.floor(v) + rounding - v)
+  q = jnp.clip(q + zero_point, spec.qmin, spec.qmax)
   return (q - zero_point) * scale
 
 

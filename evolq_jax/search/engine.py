@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 from evolq_jax import cache
 from evolq_jax.models.forward import quantize_params, units
 from evolq_jax.quant.recipe import QuantConfig
+from evolq_jax.quant import adaround
 from evolq_jax.search import checkpoint as ckpt
-from evolq_jax.search import selection
+from evolq_jax.search import reconstruct, selection
 from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, population_scorer,
                                       reference_logits, segment_prefix, unit_inputs)
 from evolq_jax.search.gradient import pass_lr
@@ -42,7 +43,8 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
   """Search one unit's scales. -> (qparams, records, candidates evaluated)."""
   vec0, layout = searched_scales(cfg, qcfg, qparams, unit, scfg.space)
   # the unit's trees and its segment's stacks, once for the prefix and both scorers
-  inputs = unit_inputs(cfg, unit, layout, params, quantize_params(qcfg, params, qparams), qparams)
+  inputs = unit_inputs(cfg, unit, layout, params, quantize_params(qcfg, params, qparams), qparams,
+                       qcfg)
   tokens = segment_prefix(cfg, qcfg, inputs, images)
   score = population_scorer(cfg, qcfg, scfg, inputs, tokens, fp_ref)
   strategy = _jitted_strategy(scfg, int(vec0.shape[0]),
@@ -89,18 +91,39 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
   return set_scales(qparams, best_vec, layout), records, n
 
 
+def reconstruct_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
+                      unit: int, key, on_generation: Optional[Callable] = None):
+  """One unit of a reconstruction strategy (search/reconstruct.py), reported like a
+  search's unit: one record whose `best` is the whole model's calibration loss after
+  it (no elitism: reconstruction minimizes its own loss). -> (qparams, records, steps)."""
+  out, rec, n = reconstruct.reconstruct_unit(cfg, qcfg, scfg, params, qparams, images, unit,
+                                             key, on_chunk=on_generation)
+  fit = calibration_fitness(cfg, qcfg, params, out, images, fp_ref, scfg)
+  record = {"generation": n, "best": fit, "gen_min": fit, "gen_mean": fit, "start": None,
+            "evaluated": n, "reconstruction": rec}
+  return out, [record], n
+
+
+def unit_schedule(scfg: SearchConfig, order: tuple) -> list:
+  """(pass, unit) in the order the strategy visits them: passes from the last unit
+  (Evol-Q), or one pass from the first (reconstruction)."""
+  if scfg.method.order == "first_last":
+    return [(0, b) for b in order]
+  return [(p, b) for p in range(scfg.passes) for b in reversed(order)]
+
+
 def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
            seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
            progress: bool = True, holdout=None, holdout_alpha: float = 0.05,
-           on_block: Optional[Callable] = None) -> SearchResult:
+           holdout_rule: str = "last_unless_worse", on_block: Optional[Callable] = None) -> SearchResult:
   """Evol-Q: `scfg.passes` passes over the model's units (last to first).
 
   holdout: optional (images, labels) of training images that are not the
-    calibration set. After every pass the quantized model is scored on them;
-    the result is the best pass among those whose gain over the FQ-ViT init
-    (pass 0) passes a one-sided sign test on the images they disagree on
-    (p < holdout_alpha; 1.0 = no test), else the init (see selection.py).
-    The search itself always continues from the last pass.
+    calibration set. After every pass the quantized model is scored on them,
+    and `holdout_rule` picks the result among the init (pass 0) and the passes
+    with a one-sided sign test at `holdout_alpha` on the images they disagree
+    on (selection.py): by default the last pass unless it is significantly
+    worse than the init. The search itself always continues from the last pass.
   on_block: optional callback(qparams, record) after every unit, e.g. for a
     budget curve; record has pass, block (the unit index), candidates and fitness.
   The result's `seconds` counts the time of earlier, interrupted parts of a
@@ -108,14 +131,23 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   """
   if scfg.radius == 0:
     scfg = dataclasses.replace(scfg, radius=paper_radius(qcfg.w_bits))
+  selection.check_rule(holdout_rule)
   start_time = time.time()
   images = jnp.asarray(images)
   if len(images) < scfg.loss_batch:
     raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
                      f"{scfg.loss_batch}.")
-  order = scfg.space.searched_units(units(cfg))
+  space, unit_list = scfg.space, units(cfg)
+  if scfg.family == "reconstruction":  # every unit (or search.units), whatever its layers
+    groups = tuple(dict.fromkeys(l.group for u in unit_list for l in u.layers))
+    space = dataclasses.replace(space, layers=groups, acts=False)
+  order = space.searched_units(unit_list)
   fp_ref = cache.fp_logits(cfg, params, images, lambda: reference_logits(cfg, params, images))
-  schedule = [(p, b) for p in range(scfg.passes) for b in reversed(order)]
+  schedule = unit_schedule(scfg, order)
+  n_passes = schedule[-1][0] + 1
+  pass_end = schedule[len(schedule) // n_passes - 1][1]  # a pass's last unit
+  if scfg.family == "reconstruction":  # learned 0/1 per weight, from to-nearest
+    qparams = adaround.with_rounding(params, qparams)
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
            "fitness_init": None, "holdout": [], "selected_pass": 0}
   selected = qparams_init = qparams
@@ -130,31 +162,33 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     if not state["holdout"]:
       state["holdout"] = [selection.pass_record(0, init_correct, init_correct,
                                                 state["fitness_init"])]
-  per_unit = scfg.generations + scfg.method.scores_last_step  # + its last step's score
+  per_unit = (reconstruct.chunks(scfg) if scfg.family == "reconstruction"
+              else scfg.generations + scfg.method.scores_last_step)  # + its last step's score
+  visit = reconstruct_block if scfg.family == "reconstruction" else search_block
   bar = tqdm(total=len(schedule) * per_unit, initial=state["position"] * per_unit,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):
     p, b = schedule[step]
-    bar.set_description(f"pass {p + 1}/{scfg.passes} unit {b}")
+    bar.set_description(f"pass {p + 1}/{n_passes} unit {b}")
 
     def on_generation(rec):
       bar.update(1)
-      bar.set_postfix(best=f"{rec['best']:.4f}")
+      bar.set_postfix({k: f"{rec[k]:.4f}" for k in ("best", "rec_loss") if k in rec})
 
     key = jax.random.fold_in(jax.random.key(seed), step)
     pass_cfg = dataclasses.replace(scfg, lr=pass_lr(scfg.lr, scfg.lr_schedule, p, scfg.passes))
-    qparams, records, n = search_block(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
-                                       key, on_generation)
+    qparams, records, n = visit(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
+                                key, on_generation)
     for rec in records:  # "evaluated" counts this unit's evaluations so far, its start included
       state["history"].append({"pass": p, "block": b, **rec,
                                "candidates": state["candidates"] + rec.pop("evaluated")})
     state["candidates"] += n
     state["position"] = step + 1
-    if holdout is not None and b == order[0]:  # a pass ends with its first unit
+    if holdout is not None and b == pass_end:
       correct = selection.holdout_correct(cfg, qcfg, params, qparams, holdout)
       state["holdout"].append(selection.pass_record(p + 1, correct, init_correct,
                                                     state["history"][-1]["best"]))
-      pick = selection.pick(state["holdout"], holdout_alpha)
+      pick = selection.pick(state["holdout"], holdout_alpha, holdout_rule)
       if pick != state["selected_pass"]:
         selected = qparams if pick == p + 1 else qparams_init
         state["selected_pass"] = pick
@@ -172,5 +206,5 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   final = calibration_fitness(cfg, qcfg, params, result, images, fp_ref, scfg)
   return SearchResult(result, state["history"], state["fitness_init"], final,
                       state["candidates"], state["elapsed"] + time.time() - start_time,
-                      state["selected_pass"] if holdout is not None else scfg.passes,
+                      state["selected_pass"] if holdout is not None else n_passes,
                       state["holdout"], qparams)

@@ -69,8 +69,8 @@ def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: in
   if unit == 0:
     return jnp.asarray(images)
   fq = quantize_params(qcfg, params, qparams)
-  return segment_prefix(cfg, qcfg, unit_inputs(cfg, unit, (), params, fq, qparams), images,
-                        batch_size)
+  return segment_prefix(cfg, qcfg, unit_inputs(cfg, unit, (), params, fq, qparams, qcfg),
+                        images, batch_size)
 
 
 def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100):
@@ -120,20 +120,21 @@ def requantize(qcfg: QuantConfig, params, fq_params, qparams, layout, ste: bool 
     q, raw, fq = (qparams.weights, params, fq_params)
     for k in path:
       q, raw, fq = q[k], raw[k], fq[k]
-    kernel = quantize_kernel(raw["kernel"], q["scale"], q["zero_point"], qcfg.w_spec,
-                             qcfg.bias_correction, ste)
+    kernel = quantize_kernel(raw["kernel"], q["scale"], q["zero_point"], qcfg.w_spec_of(path),
+                             qcfg.bias_correction, ste, q.get("rounding"))
     # in fq_params' dtype: bf16 compute keeps bf16 kernels (a no-op in float32)
     out = _replace_leaf(out, tuple(path), {**raw, "kernel": kernel.astype(fq["kernel"].dtype)})
   return out
 
 
-def unit_inputs(cfg, unit: int, layout, params, fq_params, qparams):
+def unit_inputs(cfg, unit: int, layout, params, fq_params, qparams, qcfg=None):
   """-> (segment, local layout, arrays): what the scoring programs of unit `unit`'s
   segment take (models/segments.py). In a shared segment the unit's own trees
   and layout are renamed to the segment's first unit and its position is an
   array, so that all the segment's units run one compiled program; the
-  segment's units are stacked for the scan. Build once per unit visit."""
-  seg = segments.segment_of(cfg, unit)
+  segment's units are stacked for the scan. Build once per unit visit. qcfg: the
+  QuantConfig, whose per-layer bits split segments (None: uniform bits)."""
+  seg = segments.segment_of(cfg, unit, qcfg)
   lay = tuple((kind, segments.local_path(cfg, unit, seg, path), shape)
               for kind, path, shape in layout)
   loc = functools.partial(segments.local, cfg=cfg, unit=unit, seg=seg)
@@ -168,7 +169,7 @@ def segment_forward(cfg, qcfg, seg, layout, vec, arrays, ste=False):
 def candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params, qparams, ste=False):
   """-> fn(prefix activations) -> logits of the model with unit `unit`'s
   searched scales set to `vec`."""
-  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams, qcfg)
   return segment_forward(cfg, qcfg, seg, lay, vec, arrays, ste)
 
 
@@ -193,7 +194,7 @@ def segment_loss(cfg, qcfg, seg, layout, loss, temperature, loss_batch, vec, arr
 def candidate_loss(cfg, qcfg, unit, layout, loss, temperature, loss_batch, vec, params,
                    fq_params, qparams, tokens, fp_ref, ste=False):
   """Loss of one candidate scale vector of unit `unit` (segment_loss, per unit)."""
-  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams, qcfg)
   return segment_loss(cfg, qcfg, seg, lay, loss, temperature, loss_batch, vec, arrays, tokens,
                       fp_ref, ste)
 
@@ -239,7 +240,7 @@ def scoring_args(cfg, qcfg, unit: int, layout, loss: str, temperature: float, lo
                  params, fq_params, qparams, tokens, fp_ref) -> tuple:
   """-> (static, args) of unit `unit`'s scoring program: segment_fitness(*static, chunk,
   population, *args), segment_fitness.lower(...) and candidate_bytes(static, args)."""
-  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams)
+  seg, lay, arrays = unit_inputs(cfg, unit, layout, params, fq_params, qparams, qcfg)
   return (cfg, qcfg, seg, lay, loss, temperature, loss_batch), (arrays, tokens, fp_ref)
 
 

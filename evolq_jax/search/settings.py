@@ -1,10 +1,14 @@
 """The search's settings and its result. Each method family has its own named
 fields, so no field means two things:
 
-  all:        strategy, loss, temperature, passes, generations, layers, acts, units
+  all:        strategy, loss, temperature, units, layers, acts
+  searches:   passes, generations                      (every family but reconstruction)
   tournament: pool, tournament, children, radius, step (evolq, random)
   evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
   gradient:   lr, lr_schedule                          (adam, sgd: one step a generation)
+  reconstruction: recon_iters, recon_batch, round_lr, qdrop, recon_acts
+                                                       (adaround: one pass, first unit first;
+                                                       layers and acts are not read)
   scoring:    loss_batch, chunk, memory_mb, devices
 """
 from __future__ import annotations
@@ -47,6 +51,15 @@ class SearchConfig:
   # gradient (adam, sgd)
   lr: float = 0.02           # in log-scale space: scale = scale0 * exp(z)
   lr_schedule: str = "constant"  # over passes: constant | cosine (lr -> ~0 at the last pass)
+  # reconstruction (adaround): Adam steps per unit on random batches of recon_batch
+  # calibration images (the papers: 20,000 x 32 per block on a GPU)
+  recon_iters: int = 1000
+  recon_batch: int = 32
+  # Adam on the rounding variables. AdaRound: 1e-3 over 20,000 steps; Adam moves each
+  # variable about lr a step, so 1e-2 over our 1,000 lets them travel as far (10 vs 20)
+  round_lr: float = 1e-2
+  qdrop: bool = False        # QDrop: drop activation quantization at random while learning
+  recon_acts: bool = False   # also learn the unit's activation step sizes (LSQ-style)
   # scoring
   loss_batch: int = 100
   chunk: int = 0             # candidates vmapped at once; 0 = the whole population

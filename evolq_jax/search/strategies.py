@@ -14,6 +14,10 @@ children=1 is the reference's steady-state cycle. Every evosax algorithm is
 wrapped the same way, searching in a parameterization relative to the unit's
 starting scales (log by default) so that step sizes are relative.
 
+`adaround` is of another family: block reconstruction with learned rounding
+(search/reconstruct.py), one pass from the first unit; the engine runs it in
+place of ask/tell.
+
 Every strategy name is a `Method` in REGISTRY (as evosax registers its
 algorithms): its family, the check of the settings it reads, how it is built
 from a SearchConfig, how many evaluations a generation costs, and whether its
@@ -22,7 +26,7 @@ last step is scored after the loop. A new strategy is one `register` call.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -180,11 +184,14 @@ def evosax_strategy(name: str, population_size: int, num_dims: int, sigma: float
 class Method:
   """What a strategy name owns (the engine and SearchConfig ask it, by name)."""
   name: str
-  family: str               # "tournament" | "evosax" | "gradient"
-  build: Callable           # (scfg, num_dims, radius) -> Strategy
+  family: str               # "tournament" | "evosax" | "gradient" | "reconstruction"
+  build: Optional[Callable]  # (scfg, num_dims, radius) -> Strategy; None: not ask/tell
   check: Callable           # scfg -> None; a ValueError names the search.* field
   per_generation: Callable  # scfg -> candidates scored per generation
   scores_last_step: bool = False  # its last update is scored once more after the loop
+  # "last_first": passes over the units from the last (Evol-Q); "first_last": one pass
+  # from the first, each unit learned on its reconstructed predecessors' outputs
+  order: str = "last_first"
 
 
 REGISTRY: dict = {}
@@ -262,12 +269,29 @@ for _name in GRADIENT:
                       *gradient.optax_strategy(_name, s.lr), population_size=1,
                       to_scales=gradient.to_scales, needs_grad=True),
                   _check_gradient, lambda s: 1, scores_last_step=True))
+
+
+def _check_reconstruction(scfg) -> None:
+  for name in ("recon_iters", "recon_batch"):
+    if getattr(scfg, name) < 1:
+      raise ValueError(f"search.{name}={getattr(scfg, name)!r} must be >= 1 (the papers: "
+                       "20,000 steps per block on batches of 32 images).")
+  if not scfg.round_lr > 0:
+    raise ValueError(f"search.round_lr={scfg.round_lr!r} must be > 0 (AdaRound: 1e-3).")
+
+
+register(Method("adaround", "reconstruction", None, _check_reconstruction,
+                lambda s: 1, order="first_last"))
 STRATEGIES = tuple(REGISTRY)
 
 
 def build(scfg, num_dims: int, radius: float) -> Strategy:
   """The strategy `scfg.strategy` with scfg's settings, on num_dims scales."""
-  return method(scfg.strategy).build(scfg, num_dims, radius)
+  m = method(scfg.strategy)
+  if m.build is None:
+    raise ValueError(f"search.strategy={scfg.strategy!r} ({m.family}) is not an ask/tell "
+                     "strategy over scales: the engine runs it on its own.")
+  return m.build(scfg, num_dims, radius)
 
 
 def make_strategy(name: str, num_dims: int, *, pool: int = 15, tournament: int = 10,

@@ -1,0 +1,255 @@
+"""Per-layer weight widths under a budget (issue 30): which layers get the bits,
+and what top-1 each method buys at each size.
+
+  python benchmarks/mixed_precision.py --bed lite0 [--budgets 3.5 4.5 6] [--seeds 0 1 2]
+      [--methods uniform random sensitivity evolq] [--after adaround adam]
+  python benchmarks/mixed_precision.py --report
+  ->  benchmarks/results/mixed_precision.{json,md}, mixed_precision_pareto.png
+
+A cell is (bed, activation bits, budget, method, seed): the method chooses the
+widths (search/bits.py) on the calibration images; the model is recalibrated
+at them and evaluated on the bed's test images ("init"); then each --after
+method (a scale search or the reconstruction, at --after-budget) runs at those
+widths and is evaluated too. uniform and sensitivity are deterministic and run
+once. Resumable: the JSON is rewritten after every cell and finished cells are
+skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from common import RESULTS, git_commit, write_results
+
+from evolq_jax.calibrate import calibrate
+from evolq_jax.config import apply_overrides, load_config, quant_config, search_config
+from evolq_jax.evaluate import classification_metrics
+from evolq_jax.pipeline import load_data, load_model, predict
+from evolq_jax.qparams import QParams
+from evolq_jax.quant.weights import calibrate_weights
+from evolq_jax.search import calibration_fitness, reference_logits, search
+from evolq_jax.search.bits import BitsConfig, choose_bits
+
+BEDS = {  # name -> (config, activation settings, budgets, test limit)
+    "lite0": ("configs/efficientnet_lite0.py:W4A8", (8,), (3.5, 4.5, 6.0), 0),
+    "vit": ("configs/cifar10.py:W3A8", (8, 4), (3.0, 4.0, 5.0), 0),
+}
+DETERMINISTIC = ("uniform", "sensitivity")
+# the scale search / reconstruction run at the chosen widths, at a budget that fits 2 cores
+AFTER = {"adaround": {"strategy": "adaround", "recon_iters": 500},
+         "adam": {"strategy": "adam", "passes": 2, "generations": 10, "lr": 0.3,
+                  "lr_schedule": "cosine"},
+         "evolq": {"passes": 2, "generations": 3}}
+
+
+def _key(r):
+  return (r["bed"], r["a_bits"], r["budget"], r["method"], r["seed"])
+
+
+def context(bed: str, a_bits: int):
+  spec, _, _, limit = BEDS[bed]
+  c = load_config(spec)
+  c.quant.a_bits = a_bits
+  if limit:
+    c.eval.limit = limit
+  cfg, params = load_model(c)
+  data = load_data(c, cfg)
+  qcfg = quant_config(c)
+  test_x, test_y = data["test"]
+  fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size)
+  qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress=False)
+  return {"c": c, "cfg": cfg, "params": params, "data": data, "qcfg": qcfg, "fp": fp,
+          "acts": qparams.acts, "deltas": {},
+          "fp_top1": classification_metrics(fp, test_y)["top1"]}
+
+
+def _top1(ctx, qcfg, qparams):
+  x, y = ctx["data"]["test"]
+  return classification_metrics(predict(ctx["cfg"], ctx["params"], x, qcfg, qparams,
+                                        ctx["c"].eval.batch_size), y, ctx["fp"])["top1"]
+
+
+def run_cell(ctx, bed, a_bits, budget, method, seed, after):
+  c, cfg, params = ctx["c"], ctx["cfg"], ctx["params"]
+  calib = ctx["data"]["calib"]
+  bcfg = dataclasses.replace(BitsConfig(**c.bits.to_dict()), w_budget=budget, method=method)
+  images = calib[:bcfg.images]
+  fp_ref = reference_logits(cfg, params, images)
+  chosen = choose_bits(cfg, ctx["qcfg"], bcfg, params, ctx["acts"], images, fp_ref, seed=seed,
+                       progress=False, deltas=ctx["deltas"])
+  qcfg = dataclasses.replace(ctx["qcfg"], layer_bits=chosen.rules(ctx["qcfg"].w_bits))
+  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules),
+                    ctx["acts"])
+  record = {"bed": bed, "a_bits": a_bits, "budget": budget, "method": method, "seed": seed,
+            **{k: v for k, v in chosen.to_json().items() if k != "history"},
+            "history": chosen.history if method != "sensitivity" else [],
+            "init_top1": _top1(ctx, qcfg, qparams), "after": {}}
+  full_ref = reference_logits(cfg, params, calib)
+  for name in after:
+    scfg = dataclasses.replace(search_config(c), **AFTER[name])
+    t = time.time()
+    r = search(cfg, qcfg, params, qparams, calib, scfg, seed=seed, progress=False)
+    record["after"][name] = {"top1": _top1(ctx, qcfg, r.qparams), "seconds": time.time() - t,
+                             "steps_or_candidates": r.candidates,
+                             "calibration_fitness": calibration_fitness(
+                                 cfg, qcfg, params, r.qparams, calib, full_ref, scfg),
+                             "settings": AFTER[name]}
+  return record
+
+
+def summary(runs: list) -> dict:
+  def mean_best(rows):
+    if not rows:
+      return None
+    per_seed = {}
+    for r in rows:
+      tops = [r["init_top1"]] + [a["top1"] for a in r["after"].values()]
+      per_seed.setdefault((r["method"], r["seed"]), []).append(max(tops))
+    by_method = {}
+    for (m, _), t in per_seed.items():
+      by_method.setdefault(m, []).extend(t)
+    return max(float(np.mean(v)) for v in by_method.values())
+
+  lite = [r for r in runs if r["bed"] == "lite0" and r["a_bits"] == 8 and r["budget"] == 4.5]
+  uni = [r for r in lite if r["method"] == "uniform"]
+  vit3 = [r for r in runs if r["bed"] == "vit" and r["budget"] == 3.0 and r["a_bits"] == 8]
+  vit_uni = [r["init_top1"] for r in vit3 if r["method"] == "uniform"]
+  vit_evo = [r["init_top1"] for r in vit3 if r["method"] == "evolq"]
+  return {"lite0_a8_top1_at_4p5_bits": mean_best([r for r in lite if r["method"] != "uniform"]),
+          "lite0_uniform_w4a8_top1": uni[0]["init_top1"] if uni else None,
+          "vit_mixed_vs_uniform_w3": (float(np.mean(vit_evo) - vit_uni[0])
+                                      if vit_uni and vit_evo else None)}
+
+
+def markdown(payload: dict) -> str:
+  runs = payload["runs"]
+  lines = ["Per-layer weight widths under an average-bits budget (`benchmarks/mixed_precision.py`)"
+           ": top-1 at the chosen widths (init: min/max scales with the recipe's bias "
+           "correction), then after each method run at them. Size: the widths' own bytes "
+           "(params x bits / 8); the export packs codes of <= 4 bits two a byte.", "",
+           "| bed | A | budget | method | seed | avg bits | size (KB) | export codes (KB) "
+           "| GBOPs | calib loss (bit search) | top-1 init | after |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(runs, key=lambda r: (r["bed"], -r["a_bits"], r["budget"], r["method"],
+                                       r["seed"])):
+    after = ", ".join(f"{k} {v['top1']:.2f} ({v['seconds'] / 60:.0f} min)"
+                      for k, v in r["after"].items())
+    lines.append(f"| {r['bed']} | {r['a_bits']} | {r['budget']:g} | {r['method']} | {r['seed']} "
+                 f"| {r['avg_bits']:.2f} | {r['size_bytes'] / 1e3:.0f} | "
+                 f"{r['export_code_bytes'] / 1e3:.0f} | {r['bops']:.2f} | {r['fitness']:.4f} | "
+                 f"{r['init_top1']:.2f} | {after} |")
+  s = payload.get("summary", {})
+  lines += ["", "Summary (mean over seeds; the best method's):", ""]
+  lines += [f"- `{k}`: {'' if v is None else f'{v:.2f}'}" for k, v in s.items()]
+  lines += ["", "Widths per layer group (the best-init evolq run of each bed and budget):", ""]
+  for (bed, a, budget), rows in _groups(runs).items():
+    evo = [r for r in rows if r["method"] == "evolq"]
+    if evo:
+      best = max(evo, key=lambda r: r["init_top1"])
+      lines.append(f"- {bed} A{a} at {budget:g} bits: " + _widths_by_kind(best["bits"]))
+  return "\n".join(lines) + "\n"
+
+
+def _groups(runs):
+  out = {}
+  for r in runs:
+    out.setdefault((r["bed"], r["a_bits"], r["budget"]), []).append(r)
+  return out
+
+
+def _widths_by_kind(bits: dict) -> str:
+  """Mean width per layer kind (the path's last name: qkv, fc1, dw, project, ...)."""
+  kinds = {}
+  for path, b in bits.items():
+    kinds.setdefault(path.split("/")[-1], []).append(b)
+  return ", ".join(f"{k} {np.mean(v):.1f}" for k, v in sorted(kinds.items()))
+
+
+def plot(payload: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  beds = sorted({(r["bed"], r["a_bits"]) for r in payload["runs"]})
+  fig, axes = plt.subplots(1, max(len(beds), 1), figsize=(6 * max(len(beds), 1), 4), dpi=110,
+                           squeeze=False)
+  for ax, (bed, a) in zip(axes[0], beds):
+    rows = [r for r in payload["runs"] if r["bed"] == bed and r["a_bits"] == a]
+    for i, m in enumerate(sorted({r["method"] for r in rows})):
+      mine = [r for r in rows if r["method"] == m]
+      ax.scatter([r["size_bytes"] / 1e6 for r in mine], [r["init_top1"] for r in mine],
+                 color=f"C{i}", label=f"{m} (init)", s=18)
+      after = [(r["size_bytes"] / 1e6, max(v["top1"] for v in r["after"].values()))
+               for r in mine if r["after"]]
+      if after:
+        ax.scatter(*zip(*after), color=f"C{i}", marker="^", s=30,
+                   label=f"{m} + best after-method")
+    fp = payload.get("fp_top1", {}).get(f"{bed}_a{a}")
+    if fp:
+      ax.axhline(fp, color="0.5", ls="--", lw=0.8, label="FP")
+    ax.set_xlabel("weights size (MB, params x bits / 8)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{bed} A{a}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write(payload):
+  payload["summary"] = summary(payload["runs"])
+  write_results("mixed_precision", payload, markdown(payload))
+  plot(payload, os.path.join(RESULTS, "mixed_precision_pareto.png"))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--bed", choices=sorted(BEDS), default="lite0")
+  ap.add_argument("--a-bits", nargs="+", type=int, default=None)
+  ap.add_argument("--budgets", nargs="+", type=float, default=None)
+  ap.add_argument("--methods", nargs="+", default=["uniform", "sensitivity", "random", "evolq"])
+  ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  ap.add_argument("--after", nargs="*", default=[], choices=sorted(AFTER),
+                  help="methods run at the chosen widths (for the non-random methods)")
+  ap.add_argument("--set", nargs="*", default=[], help="config overrides (e.g. bits.generations=10)")
+  ap.add_argument("--report", action="store_true", help="only rewrite the page and the plot")
+  args = ap.parse_args(argv)
+  path = os.path.join(RESULTS, "mixed_precision.json")
+  payload = {"runs": [], "fp_top1": {}}
+  if os.path.exists(path):
+    with open(path) as f:
+      payload = json.load(f)
+  if args.report:
+    write(payload)
+    return
+  _, a_settings, budgets, _ = BEDS[args.bed]
+  done = {_key(r) for r in payload["runs"]}
+  for a_bits in args.a_bits or a_settings:
+    ctx = None
+    for budget in args.budgets or budgets:
+      for method in args.methods:
+        for seed in ([0] if method in DETERMINISTIC else args.seeds):
+          if (args.bed, a_bits, budget, method, seed) in done:
+            continue
+          if ctx is None:
+            ctx = context(args.bed, a_bits)
+            apply_overrides(ctx["c"], args.set)
+            payload["fp_top1"][f"{args.bed}_a{a_bits}"] = ctx["fp_top1"]
+          load = os.getloadavg()
+          t = time.time()
+          rec = run_cell(ctx, args.bed, a_bits, budget, method, seed,
+                         args.after if method != "random" else [])
+          rec.update({"wall_seconds": time.time() - t, "load_at_start": list(load),
+                      "git_commit": git_commit()})
+          payload["runs"].append(rec)
+          write(payload)
+          print(f"{args.bed} A{a_bits} {budget:g} {method} seed {seed}: avg {rec['avg_bits']:.2f} "
+                f"init {rec['init_top1']:.2f} {rec['after']}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
