@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The runs behind mixed_precision.{json,md} and the reconstruction rows of the CIFAR-10
+# and EfficientNet-Lite0 grids, sized for 2 CPU cores (one seed where a seed costs
+# tens of minutes). Resumable: rerun it; finished cells are kept.
+# Usage: nohup benchmarks/grids/issue_30_31.sh > issue_30_31.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python}
+SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
+# per-layer widths: EfficientNet-Lite0 at A8, then the CIFAR-10 ViT at A8
+"$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 3.5 4.5 6 \
+  --methods uniform sensitivity random evolq --seeds 0 --set $SMALL
+"$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
+  --methods uniform sensitivity evolq --seeds 0 1 --set $SMALL
+# reconstruction on the CIFAR-10 ViT's hard setting (W3A4), at its default 1,000 steps a unit
+"$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
+  --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
+  --seeds 0 --settings HARD --only adaround-qdrop adaround --resume
+# reconstruction on Lite0 W4A4 at 200 steps of 16 images a unit (a step at 112x112
+# costs ~2 s here: the papers' 20,000 steps do not fit)
+"$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
+  --name efficientnet_lite0 --passes 10 --generations 3 --children 1 --holdout 100 \
+  --seeds 0 --settings W4A4 --only adaround-qdrop-ends8 adaround-qdrop \
+  --set search.recon_iters=200 search.recon_batch=16 --resume
