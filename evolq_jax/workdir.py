@@ -124,15 +124,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def differences(old: dict, new: dict) -> list:
   """'field (old -> new)' for each result-changing config field that differs. A field
-  the recorded run lacks (it was made by a version without it) counts as its default."""
-  from evolq_jax.config import config_from_dict
-  try:
-    old = json.loads(json.dumps(config_from_dict(old).to_dict(), default=str))
-  except ValueError:  # a recorded field that no longer fits: compare as recorded
-    pass
+  the recorded run lacks is not compared: a version without it made the run, and the
+  run continues with the field's current value (its default unless set)."""
   a, b = flatten(old), flatten(new)
   return [f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-          for k in sorted(set(a) | set(b)) if k not in SPEED_ONLY and a.get(k) != b.get(k)]
+          for k in sorted(a) if k not in SPEED_ONLY and a.get(k) != b.get(k)]
 
 
 def results(workdir: str) -> list:
