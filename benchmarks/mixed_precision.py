@@ -32,7 +32,7 @@ from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.qparams import QParams
 from evolq_jax.quant.weights import calibrate_weights
 from evolq_jax.search import calibration_fitness, reference_logits, search
-from evolq_jax.search.bits import BitsConfig, choose_bits
+from evolq_jax.search.bits import METHODS, BitsConfig, choose_bits
 
 BEDS = {  # name -> (config, activation settings, budgets, test limit)
     "lite0": ("configs/efficientnet_lite0.py:W4A8", (8,), (3.5, 4.5, 6.0), 0),
@@ -145,12 +145,15 @@ def markdown(payload: dict) -> str:
   s = payload.get("summary", {})
   lines += ["", "Summary (mean over seeds; the best method's):", ""]
   lines += [f"- `{k}`: {'' if v is None else f'{v:.2f}'}" for k, v in s.items()]
-  lines += ["", "Widths per layer group (the best-init evolq run of each bed and budget):", ""]
-  for (bed, a, budget), rows in _groups(runs).items():
-    evo = [r for r in rows if r["method"] == "evolq"]
-    if evo:
-      best = max(evo, key=lambda r: r["init_top1"])
-      lines.append(f"- {bed} A{a} at {budget:g} bits: " + _widths_by_kind(best["bits"]))
+  lines += ["", "Mean width per layer kind of each bed and budget's best run at init (by "
+            "test top-1; random excluded), with the kind's share of the weights:", ""]
+  for (bed, a, budget), rows in sorted(_groups(runs).items()):
+    picked = [r for r in rows if r["method"] != "random"]
+    if picked:
+      best = max(picked, key=lambda r: r["init_top1"])
+      lines.append(f"- {bed} A{a} at {budget:g} bits ({best['method']}, "
+                   f"{best['init_top1']:.2f}): " + _widths_by_kind(best["bits"],
+                                                                 payload.get("sizes", {})))
   return "\n".join(lines) + "\n"
 
 
@@ -161,12 +164,25 @@ def _groups(runs):
   return out
 
 
-def _widths_by_kind(bits: dict) -> str:
-  """Mean width per layer kind (the path's last name: qkv, fc1, dw, project, ...)."""
+def _widths_by_kind(bits: dict, sizes: dict) -> str:
+  """Mean width per layer kind (the path's last name: qkv, fc1, dw, project, ...),
+  weighted by parameter count where `sizes` ({path: params}) has them."""
   kinds = {}
   for path, b in bits.items():
-    kinds.setdefault(path.split("/")[-1], []).append(b)
-  return ", ".join(f"{k} {np.mean(v):.1f}" for k, v in sorted(kinds.items()))
+    kinds.setdefault(path.split("/")[-1], []).append((b, sizes.get(path, 1)))
+  total = sum(sizes.get(p, 1) for p in bits)
+  out = []
+  for k, v in sorted(kinds.items()):
+    n = sum(c for _, c in v)
+    share = f", {100 * n / total:.1f}% of weights" if sizes else ""
+    out.append(f"{k} {sum(b * c for b, c in v) / n:.1f}{share}")
+  return "; ".join(out)
+
+
+def _sizes(params) -> dict:
+  from flax import traverse_util
+  return {"/".join(k[:-1]): int(np.size(v)) for k, v in traverse_util.flatten_dict(params).items()
+          if k[-1] == "kernel"}
 
 
 def plot(payload: dict, path: str) -> None:
@@ -178,7 +194,8 @@ def plot(payload: dict, path: str) -> None:
                            squeeze=False)
   for ax, (bed, a) in zip(axes[0], beds):
     rows = [r for r in payload["runs"] if r["bed"] == bed and r["a_bits"] == a]
-    for i, m in enumerate(sorted({r["method"] for r in rows})):
+    for m in sorted({r["method"] for r in rows}):
+      i = METHODS.index(m)  # one colour per method in every panel
       mine = [r for r in rows if r["method"] == m]
       ax.scatter([r["size_bytes"] / 1e6 for r in mine], [r["init_top1"] for r in mine],
                  color=f"C{i}", label=f"{m} (init)", s=18)
@@ -217,6 +234,8 @@ def main(argv=None):
                   help="methods run at the chosen widths (for the non-random methods)")
   ap.add_argument("--set", nargs="*", default=[], help="config overrides (e.g. bits.generations=10)")
   ap.add_argument("--report", action="store_true", help="only rewrite the page and the plot")
+  ap.add_argument("--sizes", nargs="*", default=[], choices=sorted(BEDS),
+                  help="with --report: record these beds' layer sizes first")
   args = ap.parse_args(argv)
   path = os.path.join(RESULTS, "mixed_precision.json")
   payload = {"runs": [], "fp_top1": {}}
@@ -224,6 +243,10 @@ def main(argv=None):
     with open(path) as f:
       payload = json.load(f)
   if args.report:
+    if args.sizes:  # parameter counts of the beds' layers, for the widths-by-kind lines
+      for bed in args.sizes:
+        c = load_config(BEDS[bed][0])
+        payload.setdefault("sizes", {}).update(_sizes(load_model(c)[1]))
     write(payload)
     return
   _, a_settings, budgets, _ = BEDS[args.bed]
@@ -239,6 +262,7 @@ def main(argv=None):
             ctx = context(args.bed, a_bits)
             apply_overrides(ctx["c"], args.set)
             payload["fp_top1"][f"{args.bed}_a{a_bits}"] = ctx["fp_top1"]
+            payload.setdefault("sizes", {}).update(_sizes(ctx["params"]))
           load = os.getloadavg()
           t = time.time()
           rec = run_cell(ctx, args.bed, a_bits, budget, method, seed,
