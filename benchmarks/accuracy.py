@@ -271,7 +271,8 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
 
   def on_block(qp, rec):
     # one line a unit: a grid cell runs for hours with nothing else to show
-    print(f"{setting} {method} seed {seed}: pass {rec['pass'] + 1}/{scfg.passes}, unit "
+    passes = 1 if scfg.method.order == "first_last" else scfg.passes
+    print(f"{setting} {method} seed {seed}: pass {rec['pass'] + 1}/{passes}, unit "
           f"{rec['block']}, {rec['candidates']} candidates, loss {rec['fitness']:.4f}, "
           f"{time.time() - began:.0f} s in this part", file=sys.stderr, flush=True)
     if wanted:
