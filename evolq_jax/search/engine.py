@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from evolq_jax import cache
 from evolq_jax.models.forward import quantize_params, units
-from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.quant import adaround
+from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.search import checkpoint as ckpt
 from evolq_jax.search import reconstruct, selection
 from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, population_scorer,
@@ -115,8 +115,10 @@ def unit_schedule(scfg: SearchConfig, order: tuple) -> list:
 def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
            seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
            progress: bool = True, holdout=None, holdout_alpha: float = 0.05,
-           holdout_rule: str = "last_unless_worse", on_block: Optional[Callable] = None) -> SearchResult:
-  """Evol-Q: `scfg.passes` passes over the model's units (last to first).
+           holdout_rule: str = "last_unless_worse",
+           on_block: Optional[Callable] = None) -> SearchResult:
+  """Evol-Q: `scfg.passes` passes over the model's units (last to first); a
+  reconstruction strategy (adaround): one pass, first to last.
 
   holdout: optional (images, labels) of training images that are not the
     calibration set. After every pass the quantized model is scored on them,
