@@ -57,6 +57,8 @@ def cmd_train(args):
 def _init_label(s):
   """'W3A8 init (reference)': the start a run's quant recipe gives."""
   recipe = s.get("quant", {}).get("recipe", "fqvit")  # runs before recipes: FQ-ViT's start
+  if "bits" in s:  # per-layer widths: their average
+    return f"W{s['bits']['avg_bits']:.2f}A{s['a_bits']} init ({recipe}, mixed)"
   return f"W{s['w_bits']}A{s['a_bits']} init ({recipe})"
 
 
