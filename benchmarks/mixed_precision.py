@@ -63,6 +63,7 @@ def context(bed: str, a_bits: int):
   fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size)
   qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress=False)
   return {"c": c, "cfg": cfg, "params": params, "data": data, "qcfg": qcfg, "fp": fp,
+          "fp_calib": reference_logits(cfg, params, data["calib"]),
           "acts": qparams.acts, "deltas": {},
           "fp_top1": classification_metrics(fp, test_y)["top1"]}
 
@@ -77,8 +78,7 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
   c, cfg, params = ctx["c"], ctx["cfg"], ctx["params"]
   calib = ctx["data"]["calib"]
   bcfg = dataclasses.replace(BitsConfig(**c.bits.to_dict()), w_budget=budget, method=method)
-  images = calib[:bcfg.images]
-  fp_ref = reference_logits(cfg, params, images)
+  images, fp_ref = calib[:bcfg.images], ctx["fp_calib"][:bcfg.images]
   chosen = choose_bits(cfg, ctx["qcfg"], bcfg, params, ctx["acts"], images, fp_ref, seed=seed,
                        progress=False, deltas=ctx["deltas"])
   qcfg = dataclasses.replace(ctx["qcfg"], layer_bits=chosen.rules(ctx["qcfg"].w_bits))
@@ -88,7 +88,6 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
             **{k: v for k, v in chosen.to_json().items() if k != "history"},
             "history": chosen.history if method != "sensitivity" else [],
             "init_top1": _top1(ctx, qcfg, qparams), "after": {}}
-  full_ref = reference_logits(cfg, params, calib)
   for name in after:
     scfg = dataclasses.replace(search_config(c), **AFTER[name])
     t = time.time()
@@ -96,7 +95,7 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
     record["after"][name] = {"top1": _top1(ctx, qcfg, r.qparams), "seconds": time.time() - t,
                              "steps_or_candidates": r.candidates,
                              "calibration_fitness": calibration_fitness(
-                                 cfg, qcfg, params, r.qparams, calib, full_ref, scfg),
+                                 cfg, qcfg, params, r.qparams, calib, ctx["fp_calib"], scfg),
                              "settings": AFTER[name]}
   return record
 

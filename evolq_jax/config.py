@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from evolq_jax.models import get_preset, resolve_quant
 from evolq_jax.quant.recipe import QuantConfig, parse_bits
 from evolq_jax.search.bits import BitsConfig
 from evolq_jax.search.settings import RENAMED, SearchConfig
@@ -47,10 +48,7 @@ def _defaults(cls):
 def quant_config(c) -> QuantConfig:
   """The run's QuantConfig, resolved for its model (keep_ends_8bit's layers)."""
   qcfg = QuantConfig(**c.quant.to_dict())
-  if qcfg.keep_ends_8bit:
-    from evolq_jax.models import get_preset, resolve_quant
-    qcfg = resolve_quant(get_preset(c.model), qcfg)
-  return qcfg
+  return resolve_quant(get_preset(c.model), qcfg) if qcfg.keep_ends_8bit else qcfg
 
 
 def search_config(c) -> SearchConfig:

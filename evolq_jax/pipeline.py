@@ -27,6 +27,8 @@ from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
 from evolq_jax.quant.weights import calibrate_weights
+from evolq_jax.search.bits import choose_bits
+from evolq_jax.search.fitness import reference_logits
 from evolq_jax.search.selection import check_rule
 from evolq_jax.workdir import code_version, open_run, write_atomic, write_json
 
@@ -166,9 +168,10 @@ def _calibrated(c, progress: bool):
   desc = (lambda s: s) if progress else (lambda s: None)  # noqa: E731
   fp = predict(cfg, params, test_x, batch_size=c.eval.batch_size, desc=desc("eval fp"))
   qparams = calibrate(cfg, qcfg, params, data["calib"], c.calib.batch_size, progress)
-  chosen = None
-  if mixed_bits_config(c).on:  # per-layer widths first; the activations' statistics stay
-    qcfg, qparams, chosen = _choose_bits(c, cfg, qcfg, params, qparams, data["calib"], progress)
+  chosen, bcfg = None, mixed_bits_config(c)
+  if bcfg.on:  # per-layer widths first; the activations' statistics stay
+    qcfg, qparams, chosen = _choose_bits(c, bcfg, cfg, qcfg, params, qparams, data["calib"],
+                                         progress)
   init = classification_metrics(
       predict(cfg, params, test_x, qcfg, qparams, c.eval.batch_size, desc(f"eval {qcfg.name}")),
       test_y, fp)
@@ -185,11 +188,9 @@ def _calibrated(c, progress: bool):
   return cfg, qcfg, params, data, fp, qparams, summary, desc
 
 
-def _choose_bits(c, cfg, qcfg, params, qparams, calib, progress):
+def _choose_bits(c, bcfg, cfg, qcfg, params, qparams, calib, progress):
   """-> (qcfg at the chosen widths, QParams with its weights recalibrated, BitsResult)."""
-  from evolq_jax.search.bits import choose_bits
-  from evolq_jax.search.fitness import reference_logits
-  bcfg, scfg = mixed_bits_config(c), search_config(c)
+  scfg = search_config(c)
   images = calib[:bcfg.images]
   fp_ref = reference_logits(cfg, params, jnp.asarray(images))
   chosen = choose_bits(cfg, qcfg, bcfg, params, qparams.acts, images, fp_ref, seed=c.seed,

@@ -93,6 +93,16 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["EVOLQ_CACHE"], ignore_errors=True)
 
 
+def bundled_fixture(setting: str, calib_images: int):
+  """The bundled Fashion-MNIST ViT at `setting` with the default recipe:
+  -> (cfg, QuantConfig, params, data splits)."""
+  from evolq_jax.config import bits_config, quant_config
+  from evolq_jax.pipeline import load_data, load_model
+  c = bits_config(setting, "vit_fixture_patch4_28", **{"calib.num_images": calib_images})
+  cfg, params = load_model(c)
+  return cfg, quant_config(c), params, load_data(c, cfg)
+
+
 def tiny_config(family: str):
   """A small random-weight preset of each registered family (shapes of the real
   layout, sizes a test can run in seconds). ViT, LeViT and EfficientNet have

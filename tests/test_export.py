@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bundled_fixture
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
@@ -32,10 +33,7 @@ N_TEST = 500  # benchmarks/export_size.py checks all 10,000
 @pytest.fixture(scope="module")
 def fixture():
   """The bundled fixture, its activations calibrated once (they do not depend on w_bits)."""
-  c = bits_config("W8A8", "vit_fixture_patch4_28", **{"calib.num_images": 100})
-  cfg, params = load_model(c)
-  data = load_data(c, cfg)
-  qcfg = quant_config(c)
+  cfg, qcfg, params, data = bundled_fixture("W8A8", 100)
   acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
   return cfg, qcfg, params, acts, data["test"][0][:N_TEST]
 

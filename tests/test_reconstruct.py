@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import bundled_fixture
 
 from evolq_jax.calibrate import calibrate
-from evolq_jax.config import bits_config, quant_config
 from evolq_jax.export import build_export, unpack_codes
 from evolq_jax.integer import int_logits
 from evolq_jax.models import quantized_logits
-from evolq_jax.pipeline import load_data, load_model, predict
+from evolq_jax.pipeline import predict
 from evolq_jax.quant import adaround
 from evolq_jax.quant.uniform import quantize
 from evolq_jax.search import SearchConfig, engine, search
@@ -24,10 +24,7 @@ ITERS = 200
 
 @pytest.fixture(scope="module")
 def fixture():
-  c = bits_config("W3A8", "vit_fixture_patch4_28", **{"calib.num_images": 200})
-  cfg, params = load_model(c)
-  data = load_data(c, cfg)
-  qcfg = quant_config(c)
+  cfg, qcfg, params, data = bundled_fixture("W3A8", 200)
   qparams = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False)
   return cfg, qcfg, params, jnp.asarray(data["calib"]), qparams, data["test"][0][:300]
 

@@ -22,14 +22,20 @@ def qparams_from_range(lo, hi, spec: BitSpec):
   Returns:
     (scale, zero_point), same shape as lo.
   """
+  return range_qparams(lo, hi, spec.qmin, spec.qmax, spec.signed)
+
+
+def range_qparams(lo, hi, qmin, qmax, signed: bool = False):
+  """qparams_from_range on the grid [qmin, qmax], which may be traced values (the
+  mixed-precision search scores widths as data: search/bits.py)."""
   lo = jnp.minimum(lo, 0.0)
   hi = jnp.maximum(hi, 0.0)
-  if spec.signed:  # symmetric grid around 0
-    scale = jnp.maximum(jnp.maximum(-lo, hi) / ((spec.qmax - spec.qmin) / 2), EPS)
+  if signed:  # symmetric grid around 0
+    scale = jnp.maximum(jnp.maximum(-lo, hi) / ((qmax - qmin) / 2), EPS)
     zero_point = jnp.zeros_like(scale)
   else:
-    scale = jnp.maximum((hi - lo) / (spec.qmax - spec.qmin), EPS)
-    zero_point = jnp.clip(spec.qmin - jnp.round(lo / scale), spec.qmin, spec.qmax)
+    scale = jnp.maximum((hi - lo) / (qmax - qmin), EPS)
+    zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
   return scale, zero_point
 
 

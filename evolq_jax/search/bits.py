@@ -39,12 +39,13 @@ import numpy as np
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from evolq_jax.losses import LOSSES, get_loss, loss_batches
+from evolq_jax.losses import LOSSES, loss_batches
 from evolq_jax.models.cost import layer_macs
 from evolq_jax.models.forward import model_for
 from evolq_jax.quant.bits import check_bits
-from evolq_jax.quant.uniform import EPS
+from evolq_jax.quant.uniform import dequantize, range_qparams
 from evolq_jax.quant.weights import bias_correct, kernel_paths
+from evolq_jax.search.fitness import forward_loss
 
 METHODS = ("evolq", "SimpleGA", "sensitivity", "uniform", "random")
 
@@ -116,18 +117,12 @@ class BitsResult:
 def fake_quant_at(w, lo, hi, bits, signed: bool = False):
   """min/max per-channel fake quantization at a traced width (what calibrate_weights
   with the minmax observer then quantize_kernel compute at a static one)."""
-  levels = 2.0 ** bits - 1.0
-  lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
   if signed:
     qmin, qmax = -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1.0
-    scale = jnp.maximum(jnp.maximum(-lo, hi) / (levels / 2), EPS)
-    zp = jnp.zeros_like(scale)
   else:
-    qmin, qmax = 0.0, levels
-    scale = jnp.maximum((hi - lo) / levels, EPS)
-    zp = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
-  q = jnp.clip(jnp.round(w / scale) + zp, qmin, qmax)
-  return (q - zp) * scale
+    qmin, qmax = 0.0, 2.0 ** bits - 1.0
+  scale, zp = range_qparams(lo, hi, qmin, qmax, signed)
+  return dequantize(jnp.clip(jnp.round(w / scale) + zp, qmin, qmax), scale, zp)
 
 
 def channel_ranges(params, paths) -> tuple:
@@ -144,12 +139,9 @@ def channel_ranges(params, paths) -> tuple:
 @functools.partial(jax.jit, static_argnums=tuple(range(7)))
 def _population_loss(cfg, qcfg, paths, loss, temperature, loss_batch, chunk, widths, params,
                      ranges, acts, images, fp_ref):
-  """Losses (P,) of P width assignments (P, L) (float widths, one per layer of `paths`)."""
+  """Losses (P,) of P width assignments (P, L) (float widths, one per layer of `paths`),
+  vmapped over `chunk` candidates at a time."""
   model = model_for(cfg, "quant", qcfg)
-  loss_fn = get_loss(loss)
-  n = images.shape[0] // loss_batch
-  xs = images[:n * loss_batch].reshape((n, loss_batch) + images.shape[1:])
-  ks = fp_ref[:n * loss_batch].reshape(n, loss_batch, -1)
   flat = traverse_util.flatten_dict(params)
 
   def one(width):
@@ -159,15 +151,10 @@ def _population_loss(cfg, qcfg, paths, loss, temperature, loss_batch, chunk, wid
       w_hat = fake_quant_at(w, ranges[i][0], ranges[i][1], width[i], qcfg.w_signed)
       out[path + ("kernel",)] = bias_correct(w, w_hat) if qcfg.bias_correction else w_hat
     p = traverse_util.unflatten_dict(out)
-    losses = jax.lax.map(lambda a: loss_fn(model.apply({"params": p}, a[0], acts), a[1],
-                                           temperature), (xs, ks))
-    return jnp.mean(losses)
+    return forward_loss(lambda x: model.apply({"params": p}, x, acts), images, fp_ref, loss,
+                        temperature, loss_batch)
 
-  pop = widths.shape[0]
-  padded = -(-pop // chunk) * chunk
-  w = jnp.concatenate([widths, jnp.repeat(widths[-1:], padded - pop, 0)])
-  out = jax.lax.map(jax.vmap(one), w.reshape(padded // chunk, chunk, -1))
-  return out.reshape(-1)[:pop]
+  return jax.lax.map(one, widths, batch_size=min(chunk, widths.shape[0]))
 
 
 # --- budgets and repair ----------------------------------------------------------

@@ -140,7 +140,8 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
                      f"{scfg.loss_batch}.")
   space, unit_list = scfg.space, units(cfg)
-  if scfg.family == "reconstruction":  # every unit (or search.units), whatever its layers
+  recon = scfg.family == "reconstruction"
+  if recon:  # every unit (or search.units), whatever its layers
     groups = tuple(dict.fromkeys(l.group for u in unit_list for l in u.layers))
     space = dataclasses.replace(space, layers=groups, acts=False)
   order = space.searched_units(unit_list)
@@ -148,7 +149,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   schedule = unit_schedule(scfg, order)
   n_passes = schedule[-1][0] + 1
   pass_end = schedule[len(schedule) // n_passes - 1][1]  # a pass's last unit
-  if scfg.family == "reconstruction":  # learned 0/1 per weight, from to-nearest
+  if recon:  # learned 0/1 per weight, from to-nearest
     qparams = adaround.with_rounding(params, qparams)
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
            "fitness_init": None, "holdout": [], "selected_pass": 0}
@@ -164,9 +165,9 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     if not state["holdout"]:
       state["holdout"] = [selection.pass_record(0, init_correct, init_correct,
                                                 state["fitness_init"])]
-  per_unit = (reconstruct.chunks(scfg) if scfg.family == "reconstruction"
+  per_unit = (reconstruct.chunks(scfg) if recon
               else scfg.generations + scfg.method.scores_last_step)  # + its last step's score
-  visit = reconstruct_block if scfg.family == "reconstruction" else search_block
+  visit = reconstruct_block if recon else search_block
   bar = tqdm(total=len(schedule) * per_unit, initial=state["position"] * per_unit,
              disable=not progress, desc="search")
   for step in range(state["position"], len(schedule)):

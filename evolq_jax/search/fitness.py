@@ -32,7 +32,7 @@ from evolq_jax.qparams import QParams
 from evolq_jax.quant.recipe import QuantConfig
 from evolq_jax.quant.weights import quantize_kernel
 from evolq_jax.search import sharding
-from evolq_jax.search.space import set_scales
+from evolq_jax.search.space import replace_leaf, set_scales
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -105,12 +105,6 @@ def calibration_fitness(cfg, qcfg: QuantConfig, params, qparams, images, fp_ref,
   return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
 
 
-def _replace_leaf(tree: dict, path, value):
-  if len(path) == 1:
-    return {**tree, path[0]: value}
-  return {**tree, path[0]: _replace_leaf(tree[path[0]], path[1:], value)}
-
-
 def requantize(qcfg: QuantConfig, params, fq_params, qparams, layout, ste: bool = False):
   """fq_params with the layout's searched kernels re-quantized from qparams' scales."""
   out = fq_params
@@ -123,7 +117,7 @@ def requantize(qcfg: QuantConfig, params, fq_params, qparams, layout, ste: bool 
     kernel = quantize_kernel(raw["kernel"], q["scale"], q["zero_point"], qcfg.w_spec_of(path),
                              qcfg.bias_correction, ste, q.get("rounding"))
     # in fq_params' dtype: bf16 compute keeps bf16 kernels (a no-op in float32)
-    out = _replace_leaf(out, tuple(path), {**raw, "kernel": kernel.astype(fq["kernel"].dtype)})
+    out = replace_leaf(out, tuple(path), {**raw, "kernel": kernel.astype(fq["kernel"].dtype)})
   return out
 
 
@@ -177,16 +171,23 @@ def segment_loss(cfg, qcfg, seg, layout, loss, temperature, loss_batch, vec, arr
                  fp_ref, ste=False):
   """Loss of one candidate scale vector, from the cached prefix activations."""
   forward = segment_forward(cfg, qcfg, seg, layout, vec, arrays, ste)
+  return forward_loss(forward, tokens, fp_ref, loss, temperature, loss_batch, checkpoint=ste)
+
+
+def forward_loss(forward, inputs, fp_ref, loss, temperature, loss_batch, checkpoint=False):
+  """The loss of forward(inputs) against fp_ref, averaged over consecutive loss batches,
+  one batch's activations alive at a time (lax.map). checkpoint: through a gradient,
+  recompute each batch's activations rather than keep them all."""
   loss_fn = get_loss(loss)
-  n = loss_batches(tokens.shape[0], loss_batch)
-  xs = tokens[:n * loss_batch].reshape((n, loss_batch) + tokens.shape[1:])
+  n = loss_batches(inputs.shape[0], loss_batch)
+  xs = inputs[:n * loss_batch].reshape((n, loss_batch) + inputs.shape[1:])
   ks = fp_ref[:n * loss_batch].reshape(n, loss_batch, -1)
 
   def one_batch(args):
     x, k = args
     return loss_fn(forward(x), k, temperature)
 
-  if ste:  # through a gradient: keep one loss batch's activations at a time, not all of them
+  if checkpoint:
     one_batch = jax.checkpoint(one_batch)
   return jnp.mean(jax.lax.map(one_batch, (xs, ks)))
 

@@ -15,7 +15,7 @@ already-reconstructed predecessors give):
     (p = 2.4, BRECQ's and QDrop's), plus AdaRound's annealed regularizer
     (weight 0.01, beta 20 -> 2, no regularizer in the first 20%);
   - Adam on a random minibatch of the calibration images at each step
-    (rounding: search.round_lr, 1e-3; step sizes: 4e-5, BRECQ's);
+    (rounding: search.round_lr, 1e-2 by default; step sizes: 4e-5, BRECQ's);
   - activation rounding is straight-through; with QDrop each activation of
     the unit keeps its quantization with probability 0.5, and the unit's
     input is x_q or x_fp per value with probability 0.5.
@@ -36,10 +36,9 @@ from flax import traverse_util
 
 from evolq_jax.models.forward import act_rules, model_for, quantize_params, units
 from evolq_jax.quant import adaround
-from evolq_jax.quant.uniform import fake_quant
-from evolq_jax.quant.weights import bias_correct, bias_correction_affine
-from evolq_jax.search.fitness import in_batches, prefix_activations
-from evolq_jax.search.space import SearchSpace
+from evolq_jax.quant.weights import bias_correction_affine, quantize_kernel
+from evolq_jax.search.fitness import in_batches, segment_prefix, unit_inputs
+from evolq_jax.search.space import SearchSpace, get_path, replace_leaf
 
 P_NORM = 2.4        # BRECQ / QDrop: the reconstruction loss's L_p
 ROUND_WEIGHT = 0.01  # AdaRound's regularizer weight (BRECQ's block default)
@@ -48,10 +47,14 @@ CURVE_POINTS = 20   # logged points of a unit's loss curve
 EVAL_IMAGES = 256   # images of the before/after reconstruction error
 
 
+def _chunk(scfg) -> int:
+  """Steps between two logged points of a unit's loss curve (one compiled scan)."""
+  return max(1, scfg.recon_iters // CURVE_POINTS)
+
+
 def chunks(scfg) -> int:
   """Logged points (progress ticks) of one unit's reconstruction."""
-  step = max(1, scfg.recon_iters // CURVE_POINTS)
-  return -(-scfg.recon_iters // step)
+  return -(-scfg.recon_iters // _chunk(scfg))
 
 
 def unit_range(cfg, unit: int):
@@ -82,18 +85,6 @@ def used_kernels(cfg, qcfg, unit: int, fq_params, acts, x) -> tuple:
                if k[-1] == "kernel" and id(var) in read)
 
 
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
-def _set(tree, path, value):
-  if len(path) == 1:
-    return {**tree, path[0]: value}
-  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
-
-
 def lp_loss(out, target, p: float = P_NORM):
   """|out - target|^p summed over the last axis (channels), averaged over the rest."""
   return jnp.mean(jnp.sum(jnp.abs(out - target) ** p, axis=-1))
@@ -104,27 +95,32 @@ def _unit_output(cfg, qcfg, unit, mode, kernels, act_points, theta, base, x, sof
   first, last = unit_range(cfg, unit)
   fq, raw, wq, acts = base["fq"], base["raw"], base["wq"], base["acts"]
   for path in kernels:
-    w, q = _get(raw, path)["kernel"], _get(wq, path)
-    v = theta["v"]["/".join(path)]
+    w, q = get_path(raw, path)["kernel"], get_path(wq, path)
+    v, spec = theta["v"]["/".join(path)], qcfg.w_spec_of(path)
     if soft:
-      w_hat = adaround.soft_quant(w, q["scale"], q["zero_point"], qcfg.w_spec_of(path), v)
-    else:
-      w_hat = fake_quant(w, q["scale"], q["zero_point"], qcfg.w_spec_of(path),
-                         adaround.hard_rounding(v))
-    if qcfg.bias_correction and soft:
-      # the correction's per-channel gain and shift at the current soft weights, held
-      # constant for the step: through their statistics the gradient overflows on the
-      # near-constant channels real networks have (pruned depthwise channels)
-      gain, shift = jax.lax.stop_gradient(bias_correction_affine(w, w_hat))
-      w_hat = gain * w_hat + shift
-    elif qcfg.bias_correction:
-      w_hat = bias_correct(w, w_hat)
-    fq = _set(fq, tuple(path), {**_get(fq, path), "kernel": w_hat.astype(w.dtype)})
-  for path in act_points:
-    acts = _set(acts, tuple(path), {**_get(acts, path), "scale": theta["acts"]["/".join(path)]})
+      w_hat = adaround.soft_quant(w, q["scale"], q["zero_point"], spec, v)
+      if qcfg.bias_correction:
+        # the correction's per-channel gain and shift at the current soft weights, held
+        # constant for the step: through their statistics the gradient overflows on the
+        # near-constant channels real networks have (pruned depthwise channels)
+        gain, shift = jax.lax.stop_gradient(bias_correction_affine(w, w_hat))
+        w_hat = gain * w_hat + shift
+    else:  # what the model computes at the hard rounding
+      w_hat = quantize_kernel(w, q["scale"], q["zero_point"], spec, qcfg.bias_correction,
+                              rounding=adaround.hard_rounding(v))
+    fq = replace_leaf(fq, tuple(path), {**get_path(fq, path), "kernel": w_hat.astype(w.dtype)})
+  acts = _with_scales(acts, act_points, theta["acts"])
   model = model_for(cfg, mode, qcfg)
   rngs = {"qdrop": key} if mode == "quant_drop" else None
   return model.apply({"params": fq}, x, acts, first_unit=first, last_unit=last, rngs=rngs)
+
+
+def _with_scales(acts, points, scales: dict):
+  """acts with the scale of each point in `points` set to scales['/'-joined path]."""
+  for path in points:
+    acts = replace_leaf(acts, tuple(path),
+                        {**get_path(acts, path), "scale": scales["/".join(path)]})
+  return acts
 
 
 def _optimizer(round_lr: float):
@@ -184,26 +180,28 @@ def reconstruct_unit(cfg, qcfg, scfg, params, qparams, images, unit: int, key,
   entry per layer (adaround.with_rounding). -> (qparams, record, steps)."""
   first, last = unit_range(cfg, unit)
   images = jnp.asarray(images)
-  x_q = prefix_activations(cfg, qcfg, params, qparams, images, unit, batch_size)
+  fq = quantize_params(qcfg, params, qparams)
+  x_q = segment_prefix(cfg, qcfg, unit_inputs(cfg, unit, (), params, fq, qparams, qcfg), images,
+                       batch_size)
   x_fp = images if unit == 0 else in_batches(lambda b: _fp_range(cfg, 0, unit, params, b),
                                              images, batch_size)
   y_fp = in_batches(lambda b: _fp_range(cfg, first, last, params, b), x_fp, batch_size)
-  fq = quantize_params(qcfg, params, qparams)
   kernels = used_kernels(cfg, qcfg, unit, fq, qparams.acts, x_q[:1])
   act_points = tuple(SearchSpace(acts=True).act_points(units(cfg)[unit], qparams.acts,
                                                        act_rules(cfg, qcfg))
                      if scfg.recon_acts else ())
-  theta = {"v": {"/".join(p): adaround.init_v(_get(params, p)["kernel"],
-                                              _get(qparams.weights, p)["scale"])
+  theta = {"v": {"/".join(p): adaround.init_v(get_path(params, p)["kernel"],
+                                              get_path(qparams.weights, p)["scale"])
                  for p in kernels},
-           "acts": {"/".join(p): jnp.asarray(_get(qparams.acts, p)["scale"])
+           "acts": {"/".join(p): jnp.asarray(get_path(qparams.acts, p)["scale"])
                     for p in act_points}}
-  # nearest rounding where h(V) >= 0.5 agrees with round() (ties aside): the start's error
   base = {"fq": fq, "raw": params, "wq": qparams.weights, "acts": qparams.acts}
   static = (cfg, qcfg, unit, kernels, act_points)
+  # V starts at h(V) = the fraction of w / s, whose hard rounding (V >= 0, h >= 0.5) is
+  # to-nearest (ties aside): the start's error
   before = _eval_loss(*static, theta, base, x_q, y_fp)
   opt_state = _optimizer(scfg.round_lr).init(theta)
-  iters, chunk = scfg.recon_iters, max(1, scfg.recon_iters // CURVE_POINTS)  # chunks(scfg)
+  iters, chunk = scfg.recon_iters, _chunk(scfg)
   curve, step = [], 0
   while step < iters:
     n = min(chunk, iters - step)
@@ -218,23 +216,21 @@ def reconstruct_unit(cfg, qcfg, scfg, params, qparams, images, unit: int, key,
   weights = traverse_util.flatten_dict(qparams.weights)
   for path in kernels:
     weights[path + ("rounding",)] = adaround.hard_rounding(theta["v"]["/".join(path)])
-  acts = qparams.acts
-  for path in act_points:
-    acts = _set(acts, tuple(path), {**_get(acts, path), "scale": theta["acts"]["/".join(path)]})
-  out = qparams.replace(weights=traverse_util.unflatten_dict(weights), acts=acts)
+  out = qparams.replace(weights=traverse_util.unflatten_dict(weights),
+                        acts=_with_scales(qparams.acts, act_points, theta["acts"]))
   record = {"layers": ["/".join(p) for p in kernels], "act_points": len(act_points),
             "rec_loss_nearest": before, "rec_loss_learned": after,
             "hard_fraction": adaround.hard_fraction(list(theta["v"].values())),
-            "flipped_fraction": _flipped(params, qparams, out, kernels),
+            "flipped_fraction": _flipped(qparams, out, kernels),
             "curve": curve}
   return out, record, iters
 
 
-def _flipped(params, old, new, kernels) -> float:
+def _flipped(old, new, kernels) -> float:
   """Share of the unit's weights whose rounding differs from the one it started with."""
   changed = total = 0
   for path in kernels:
-    a = np.asarray(_get(old.weights, path)["rounding"])
-    b = np.asarray(_get(new.weights, path)["rounding"])
+    a = np.asarray(get_path(old.weights, path)["rounding"])
+    b = np.asarray(get_path(new.weights, path)["rounding"])
     changed, total = changed + int(np.sum(a != b)), total + a.size
   return changed / max(total, 1)

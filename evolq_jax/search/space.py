@@ -86,10 +86,18 @@ class SearchSpace:
             if rule_for(rules, "/".join(unit.path + p)).searchable]
 
 
-def _get(tree, path):
+def get_path(tree, path):
+  """tree[path[0]][path[1]]..."""
   for k in path:
     tree = tree[k]
   return tree
+
+
+def replace_leaf(tree: dict, path, value):
+  """Copy of `tree` with the entry at `path` replaced by `value` (pure)."""
+  if len(path) == 1:
+    return {**tree, path[0]: value}
+  return {**tree, path[0]: replace_leaf(tree[path[0]], path[1:], value)}
 
 
 def unit_scales(qparams, unit: Unit, space: SearchSpace, rules: tuple = ()):
@@ -103,11 +111,11 @@ def unit_scales(qparams, unit: Unit, space: SearchSpace, rules: tuple = ()):
     raise ValueError(f"search.layers={space.layers!r} selects no layer of unit {unit.name!r} "
                      f"(its layers: {[l.name for l in unit.layers]}).")
   for layer in layers:
-    s = _get(qparams.weights, layer.path)["scale"]
+    s = get_path(qparams.weights, layer.path)["scale"]
     parts.append(s.reshape(-1))
     layout.append(("weights", layer.path, s.shape))
   for path in space.act_points(unit, qparams.acts, rules):
-    s = _get(qparams.acts, path)["scale"]
+    s = get_path(qparams.acts, path)["scale"]
     parts.append(s.reshape(-1))
     layout.append(("acts", path, s.shape))
   return jnp.concatenate(parts), tuple(layout)
