@@ -7,7 +7,7 @@ among its passes on held-out training images (the init counting as pass 0).
 
   python benchmarks/accuracy.py [--config configs/fixture_w3a8.py] [--resume]
       [--settings W3A8 W4A8 W8A8 W4A4] [--seeds 0 1 2] [--only METHOD ...]
-  ->  benchmarks/results/accuracy.{md,json}, accuracy_*.png
+  ->  benchmarks/results/accuracy.json (+ docs/results/accuracy.md), accuracy_*.png
 
 Runs are appended to accuracy.json as they finish; --resume skips the cells
 already there with the same budget, so a killed grid continues. A running
@@ -509,6 +509,14 @@ def _start_top1(groups, run):
 
 
 def report(payload, name="accuracy"):
+  """The record, its page and its plots."""
+  write_results(name, payload, page(payload))
+  runs = payload["runs"]
+  _plots(runs, _group(runs), list(dict.fromkeys(r["setting"] for r in runs)), name,
+         payload.get("fp_top1"), min(CURVE_TEST_IMAGES, payload.get("test_images", 10000)))
+
+
+def page(payload) -> str:
   runs = payload["runs"]
   groups = _group(runs)
   settings = list(dict.fromkeys(r["setting"] for r in runs))
@@ -556,8 +564,7 @@ def report(payload, name="accuracy"):
     lines.append("")
   lines += (_testbed_targets(groups, payload) if plan == "cifar10"
             else _interval_reading(groups, ci) if plan == "efficientnet" else _targets(groups))
-  write_results(name, payload, "\n".join(lines))
-  _plots(runs, groups, settings, name, payload.get("fp_top1"), curve_images)
+  return "\n".join(lines)
 
 
 # The issue's targets: (setting, method, what it is compared with, margin in points).

@@ -7,8 +7,12 @@ import subprocess
 
 from evolq_jax.workdir import write_atomic, write_json
 
-# EVOLQ_RESULTS redirects every script's output (the tests use it).
-RESULTS = os.environ.get("EVOLQ_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The committed records (JSON, plots) and their pages (docs/results/NAME.md, see pages.py).
+COMMITTED = os.path.join(ROOT, "benchmarks", "results")
+# EVOLQ_RESULTS redirects every script's output, pages included (the tests use it).
+RESULTS = os.environ.get("EVOLQ_RESULTS") or COMMITTED
+PAGES_DIR = os.environ.get("EVOLQ_RESULTS") or os.path.join(ROOT, "docs", "results")
 
 
 def git_commit() -> str:
@@ -18,7 +22,7 @@ def git_commit() -> str:
     # The result files are what the scripts write as they go: changes there
     # do not make the code that produced them uncommitted.
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                            ":(top,exclude)benchmarks/results"],
+                            ":(top,exclude)benchmarks/results", ":(top,exclude)docs/results"],
                            capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
     return out + ("-dirty" if dirty.strip() else "")
   except (OSError, subprocess.CalledProcessError):
@@ -42,8 +46,11 @@ def code_key(*paths: str) -> str:
   return hashlib.sha1((trees + diff).encode()).hexdigest()[:16]
 
 
-def write_results(name: str, payload: dict, markdown: str) -> None:
-  os.makedirs(RESULTS, exist_ok=True)
+def write_results(name: str, payload: dict, page: str) -> None:
+  """The record RESULTS/NAME.json and its page PAGES_DIR/NAME.md, which must be
+  the writing script's `page(payload)` (tests/test_docs.py regenerates it)."""
+  for folder in (RESULTS, PAGES_DIR):
+    os.makedirs(folder, exist_ok=True)
   write_json(os.path.join(RESULTS, f"{name}.json"), payload)
-  write_atomic(os.path.join(RESULTS, f"{name}.md"), markdown)
-  print(markdown)
+  write_atomic(os.path.join(PAGES_DIR, f"{name}.md"), page)
+  print(page)

@@ -2,7 +2,8 @@
 default recipe) and from FQ-ViT's plain start, each run end to end.
 
   python benchmarks/demo.py [--recipes reference fqvit] [--workdir runs/demo_bench]
-  ->  benchmarks/results/demo.{json,md} and demo_fitness_w3a8.png (the default run's curve)
+  ->  benchmarks/results/demo.json (+ docs/results/demo.md) and demo_fitness_w3a8.png
+      (the default run's curve)
 
 Each run is a whole `evolq demo` (calibration, FP and quantized evaluation on
 the 10,000 test images, the search, the final evaluation) with its wall time
@@ -34,7 +35,8 @@ def run(recipe: str, workdir: str) -> dict:
           **{k: s[k] for k in KEEP if k in s}}
 
 
-def markdown(runs: list) -> str:
+def page(payload: dict) -> str:
+  runs = payload["runs"]
   lines = ["`evolq demo` (bundled Fashion-MNIST ViT fixture, W3A8, 2 passes x 4 generations x "
            "8 children per block, 10,000 test images), per start. Written by "
            "`benchmarks/demo.py`.", "",
@@ -63,7 +65,7 @@ def main(argv=None):
   if args.report:
     with open(os.path.join(RESULTS, "demo.json")) as f:
       payload = json.load(f)
-    write_results("demo", payload, markdown(payload["runs"]))
+    write_results("demo", payload, page(payload))
     return
   runs = []
   for recipe in args.recipes:
@@ -73,7 +75,8 @@ def main(argv=None):
       os.makedirs(RESULTS, exist_ok=True)
       shutil.copy(os.path.join(workdir, "fitness.png"),
                   os.path.join(RESULTS, "demo_fitness_w3a8.png"))
-  write_results("demo", {"git_commit": git_commit(), "runs": runs}, markdown(runs))
+  payload = {"git_commit": git_commit(), "runs": runs}
+  write_results("demo", payload, page(payload))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ speed against fp32, side by side.
   python benchmarks/deploy.py parity [--cases fixture_W8A8 ...]   # real runs, whole test sets
   python benchmarks/deploy.py speed [--models deit_tiny ...]      # idle machine, 2 threads
   python benchmarks/deploy.py report                              # deploy.md from deploy.json
-  ->  benchmarks/results/deploy.{json,md}
+  ->  benchmarks/results/deploy.json (+ docs/results/deploy.md)
 
 parity: each case is a run (`evolq eval`, or `search` where named) in
 runs/deploy/<case> (reused when finished); its result is exported as QDQ ONNX
@@ -281,7 +281,7 @@ def summary(payload: dict) -> dict:
           "parity_max_abs_delta_logit": {k: r["onnx_max_abs_delta_logit"] for k, r in pa.items()}}
 
 
-def markdown(payload: dict) -> str:
+def page(payload: dict) -> str:
   s = payload["summary"]
   lines = ["# Deploy: QDQ ONNX in ONNX Runtime", "",
            f"Written by `benchmarks/deploy.py` (git commit `{payload.get('git_commit', '?')}`).",
@@ -348,7 +348,7 @@ def write(payload: dict):
   payload["families_exported"] = sorted(FAMILIES)  # tests/test_onnx.py exports each, every CI run
   payload["git_commit"] = git_commit()
   payload["summary"] = summary(payload)
-  write_results(NAME, payload, markdown(payload))
+  write_results(NAME, payload, page(payload))
 
 
 def main():

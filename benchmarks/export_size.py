@@ -3,7 +3,7 @@ forward's parity with the fake-quant model on the fixture's 10,000 test images.
 
   python benchmarks/export_size.py [--test-images 10000] [--calib-images 1000]
       [--models vit_fixture_patch4_28 deit_tiny_patch16_224]
-  ->  benchmarks/results/export_size.{json,md}
+  ->  benchmarks/results/export_size.json (+ docs/results/export_size.md)
 
 Sizes: per model and bit setting, the export file (.safetensors, manifest in
 its header), its .json manifest and the jax.export artifact (.stablehlo, the
@@ -96,7 +96,7 @@ def model_sizes(name: str, folder: str, log) -> dict:
   return out
 
 
-def markdown(payload) -> str:
+def page(payload) -> str:
   lines = ["# Integer export: size and parity", "",
            f"git commit `{payload['git_commit']}`. Command: `{payload['command']}`.", "",
            "Weights are stored as uint8 codes, two per byte at 3 and 4 bits (a 3-bit model "
@@ -171,7 +171,7 @@ def main():
         log(f"{recipe} {setting}: agreement {r['agreement']:.2f}% max |dlogit| "
             f"{r['max_abs_delta_logit']:.4f}")
   payload["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-  write_results(args.name, payload, markdown(payload))
+  write_results(args.name, payload, page(payload))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """FQ-ViT initialization on the bundled fixture: top-1 per bit setting and weight observer.
 
-  python benchmarks/fixture_init.py   ->  benchmarks/results/fixture_init.{md,json}
+  python benchmarks/fixture_init.py
+  ->  benchmarks/results/fixture_init.json (+ docs/results/fixture_init.md)
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def main():
   for w, a in SETTINGS:
     for obs in OBSERVERS:
       t = time.time()
-      qcfg = QuantConfig(w_bits=w, a_bits=a, w_observer=obs)
+      qcfg = QuantConfig(w_bits=w, a_bits=a, w_observer=obs, recipe="fqvit")
       qp = calibrate(cfg, qcfg, params, data["calib"], progress=False)
       m = classification_metrics(predict(cfg, params, x, qcfg, qp), y, fp)
       runs.append({"setting": qcfg.name, "w_observer": obs, **m,
@@ -39,14 +40,18 @@ def main():
            "stream; uniform softmax; no bias correction; weights per output channel, "
            "unsigned with zero point; 1,000 bundled calibration images (batches of 100); "
            "10,000 Fashion-MNIST test images")
+  payload = {"git_commit": git_commit(), "settings": other, "runs": runs}
+  write_results("fixture_init", payload, page(payload))
+
+
+def page(payload: dict) -> str:
   lines = ["# FQ-ViT initialization on the fixture (`vit_fixture_patch4_28`)", "",
-           f"git commit `{git_commit()}`; other settings: {other}.", "",
+           f"git commit `{payload['git_commit']}`; other settings: {payload['settings']}.", "",
            "| setting | weight observer | top-1 | top-5 | agreement with FP | seconds |",
            "|---|---|---|---|---|---|"]
   lines += [f"| {r['setting']} | {r['w_observer']} | {r['top1']:.2f} | {r['top5']:.2f} | "
-            f"{r['agreement']:.2f} | {r['seconds']} |" for r in runs]
-  write_results("fixture_init", {"git_commit": git_commit(), "settings": other, "runs": runs},
-                "\n".join(lines) + "\n")
+            f"{r['agreement']:.2f} | {r['seconds']} |" for r in payload["runs"]]
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

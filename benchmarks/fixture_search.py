@@ -6,7 +6,7 @@ one-sided sign test gives p < --alpha (see evolq_jax.search.engine.search).
 
   python benchmarks/fixture_search.py [--passes P --generations K --children L --seeds 0 1 2
                                        --holdout N --alpha A]
-  ->  benchmarks/results/fixture_search.{md,json}
+  ->  benchmarks/results/fixture_search.json (+ docs/results/fixture_search.md)
 """
 from __future__ import annotations
 
@@ -44,12 +44,13 @@ def main():
   runs = []
   for setting in args.settings:
     w, a = parse_bits(setting)
-    qcfg = QuantConfig(w_bits=w, a_bits=a)
+    qcfg = QuantConfig(w_bits=w, a_bits=a, recipe="fqvit")  # the record's plain start
     qp0 = calibrate(cfg, qcfg, params, data["calib"], progress=False)
     init = classification_metrics(predict(cfg, params, x, qcfg, qp0), y, fp)
     for seed in args.seeds:
       r = search(cfg, qcfg, params, qp0, data["calib"], scfg, seed=seed, progress=False,
-                 holdout=data.get("holdout"), holdout_alpha=args.alpha)
+                 holdout=data.get("holdout"), holdout_alpha=args.alpha,
+                 holdout_rule="best_significant")
       final = classification_metrics(predict(cfg, params, x, qcfg, r.qparams), y, fp)
       last = (final if r.selected_pass == scfg.passes else
               classification_metrics(predict(cfg, params, x, qcfg, r.last_qparams), y, fp))
@@ -64,14 +65,21 @@ def main():
             f"per generation, pool {scfg.population}, tournament {scfg.tournament}, "
             f"r = paper default; held-out pick: {args.holdout} train images, sign test "
             f"alpha {args.alpha}")
+  payload = {"git_commit": git_commit(), "budget": budget, "runs": runs}
+  write_results("fixture_search", payload, page(payload))
+
+
+def page(payload: dict) -> str:
+  runs = payload["runs"]
+  seeds = list(dict.fromkeys(r["seed"] for r in runs))
   lines = ["# Init vs Evol-Q (infoNCE) on the fixture", "",
-           f"git commit `{git_commit()}`; budget: {budget}; 1,000 calibration images, "
-           "10,000 test images; test top-1 in %, mean ± std over seeds "
-           f"{args.seeds}.", "",
+           f"git commit `{payload['git_commit']}`; budget: {payload['budget']}; 1,000 "
+           "calibration images, 10,000 test images; test top-1 in %, mean ± std over seeds "
+           f"{seeds}.", "",
            "| setting | FQ-ViT init top-1 | Evol-Q top-1 | gain | worst-seed gain | "
            "kept pass per seed | last pass top-1 | calib loss init → final | candidates | "
            "search s / run |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for setting in args.settings:
+  for setting in dict.fromkeys(r["setting"] for r in runs):
     rs = [r for r in runs if r["setting"] == setting]
     fin = np.array([r["final_top1"] for r in rs])
     gain = fin - rs[0]["init_top1"]
@@ -82,8 +90,7 @@ def main():
         f"{np.mean([r['last_pass_top1'] for r in rs]):.2f} | {rs[0]['fitness_init']:.4f} → "
         f"{np.mean([r['fitness_final'] for r in rs]):.4f} | {rs[0]['candidates_evaluated']} | "
         f"{np.mean([r['seconds'] for r in rs]):.0f} |")
-  write_results("fixture_search", {"git_commit": git_commit(), "budget": budget, "runs": runs},
-                "\n".join(lines) + "\n")
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
   python benchmarks/landscape.py [--configs configs/fixture_w3a8.py configs/fixture_w8a8.py]
       [--block B] [--seeds 0 1 2] [--channels 0] [--points 41] [--span 0.1]
       [--grid-points 15] [--calib 500] [--test-limit 1000]
-  ->  benchmarks/results/landscape.{md,json}, landscape_lines.png,
+  ->  benchmarks/results/landscape.json (+ docs/results/landscape.md), landscape_lines.png,
       landscape_roughness.png, landscape_2d_<setting>_<layer>.png
 
 Each layer (qkv, proj, fc1, fc2) of one block is perturbed along 1D lines:
@@ -121,13 +121,16 @@ def _row(rows, **kw):
   return next(r for r in rows if all(r[k] == v for k, v in kw.items()))
 
 
-def markdown(args, lines, grids, rows, seconds, commit):
+def page(payload: dict) -> str:
+  args = argparse.Namespace(**payload["args"])
+  lines, grids, rows = payload["lines"], payload["grids"], payload["summary"]
+  seconds, commit = payload["seconds"], payload["git_commit"]
   out = ["# Loss landscape of one block's weight scales (fixture)", "",
          (f"git commit `{commit}`; block {lines[0]['block']} of "
          f"{lines[0]['model']}; {lines[0]['calib_images']} calibration images; 1D lines of "
          f"{args.points} points over a in [-{args.span}, {args.span}] (scale x (1 + a d)); "
          f"random directions: seeds {args.seeds}; basis directions: output channel(s) "
-         f"{args.channels}; {time.strftime('%Y-%m-%d')}, {seconds:.0f} s on this machine."), "",
+         f"{args.channels}; {seconds:.0f} s on this machine."), "",
          ("Roughness = mean |second difference| of the loss along the line / the loss's range "
          "on the line (0 = straight; about 8/n² for a parabola sampled at n points; ~0.5–1 for "
          "white noise), and the number of strict local minima among the "
@@ -281,8 +284,7 @@ def main():
   payload = {"git_commit": saved["git_commit"] if args.from_json else git_commit(),
              "summarized_at": git_commit(), "configs": meta, "args": vars(args),
              "seconds": round(seconds, 1), "summary": rows, "lines": lines, "grids": grids}
-  write_results(args.name, payload, markdown(args, lines, grids, rows, seconds,
-                                                payload["git_commit"]))
+  write_results(args.name, payload, page(payload))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ and what top-1 each method buys at each size.
   python benchmarks/mixed_precision.py --bed lite0 [--budgets 3.5 4.5 6] [--seeds 0 1 2]
       [--methods uniform random sensitivity evolq] [--after adaround adam]
   python benchmarks/mixed_precision.py --report
-  ->  benchmarks/results/mixed_precision.{json,md}, mixed_precision_pareto.png
+  ->  benchmarks/results/mixed_precision.json (+ docs/results/mixed_precision.md),
+      mixed_precision_pareto.png
 
 A cell is (bed, activation bits, budget, method, seed): the method chooses the
 widths (search/bits.py) on the calibration images; the model is recalibrated
@@ -124,7 +125,7 @@ def summary(runs: list) -> dict:
                                       if vit_uni and vit_evo else None)}
 
 
-def markdown(payload: dict) -> str:
+def page(payload: dict) -> str:
   runs = payload["runs"]
   lines = ["Per-layer weight widths under an average-bits budget (`benchmarks/mixed_precision.py`)"
            ": top-1 at the chosen widths (init: min/max scales with the recipe's bias "
@@ -218,7 +219,7 @@ def plot(payload: dict, path: str) -> None:
 
 def write(payload):
   payload["summary"] = summary(payload["runs"])
-  write_results("mixed_precision", payload, markdown(payload))
+  write_results("mixed_precision", payload, page(payload))
   plot(payload, os.path.join(RESULTS, "mixed_precision_pareto.png"))
 
 

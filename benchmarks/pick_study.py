@@ -1,7 +1,7 @@
 """Does the held-out pick keep a better pass than the search's last one?
 
   python benchmarks/pick_study.py [GRID.json ...]
-  ->  benchmarks/results/pick_study.{json,md}
+  ->  benchmarks/results/pick_study.json (+ docs/results/pick_study.md)
 
 Reads the accuracy grids' committed records (no search is run): every search
 record carries its held-out top-1 per pass, the pass the pick kept with its
@@ -110,7 +110,8 @@ def tally(rows: list) -> dict:
           **rule_tally(rows)}
 
 
-def markdown(per_grid: dict) -> str:
+def page(payload: dict) -> str:
+  per_grid = payload["grids"]
   lines = ["Test top-1 of the pass the held-out pick kept (the best held-out pass, ties to the "
            "earliest) against the search's last pass, from the grids' records. Sign test: "
            "one-sided, over the searches where the two differ.", "",
@@ -161,8 +162,8 @@ def main(argv=None):
     per_grid[name] = {"holdout_images": grid.get("holdout_images"), **tally(rows)}
     rows_all[name] = rows
   per_grid["all"] = tally([r for rows in rows_all.values() for r in rows])
-  write_results("pick_study", {"git_commit": git_commit(), "grids": per_grid, "runs": rows_all},
-                markdown(per_grid))
+  payload = {"git_commit": git_commit(), "grids": per_grid, "runs": rows_all}
+  write_results("pick_study", payload, page(payload))
 
 
 if __name__ == "__main__":

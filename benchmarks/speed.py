@@ -5,7 +5,7 @@
       [--search-models vit_fixture_patch4_28 vit_cifar10_patch4_32] [--search-images 1000]
       [--search-passes 10]
       [--int-images 256] [--int-batch 64]
-  ->  benchmarks/results/{--name}.md, .json
+  ->  benchmarks/results/{--name}.json (+ docs/results/{--name}.md)
 
 Per model, side by side in one process (random weights and images: speed does
 not depend on them; W4A8, min/max observers):
@@ -192,7 +192,7 @@ MODES = [("a_sequential_full", "(a) sequential, full forward"),
          ("e_reference_torch", "(e) reference way, PyTorch eager")]
 
 
-def markdown(payload) -> str:
+def page(payload) -> str:
   m = payload["machine"]
   lines = ["# Speed: population fitness vs the reference's way", "",
            (f"git commit `{payload['git_commit']}`; device **{m['device']}** "
@@ -297,7 +297,9 @@ def search_markdown(s) -> list:
       continue
     lines.append(f"| {label} | {r['seconds']:.1f} | {r['candidate_evaluations']} | "
                  f"{r['seconds'] / e1:.2f} | {r['fitness_start']:.4f} → {r['fitness_final']:.4f} |")
-  compiled = [(label, s[key]["compile"]) for key, label in SEARCH_MODES[:2] if key in s] + [
+  # (records from before compile-once hold no compile counts)
+  compiled = [(label, s[key]["compile"]) for key, label in SEARCH_MODES[:2]
+              if "compile" in s.get(key, {})] + [
       (f"{k} persistent cache", pc[k]["compile"]) for k in ("cold", "warm") if k in pc]
   if compiled:
     lines += ["", "| engine search | XLA programs compiled | read from the cache | "
@@ -425,7 +427,7 @@ def main():
     from common import RESULTS
     with open(os.path.join(RESULTS, f"{args.name}.json")) as f:
       payload = json.load(f)
-    write_results(args.name, payload, markdown(payload))
+    write_results(args.name, payload, page(payload))
     return
   def log(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -495,7 +497,7 @@ def main():
     payload["search"] = next(iter(searches.values()))  # the headline model's
     payload["searches"] = searches
   payload["summary"] = summary(payload, args)
-  write_results(args.name, payload, markdown(payload))
+  write_results(args.name, payload, page(payload))
 
 
 if __name__ == "__main__":

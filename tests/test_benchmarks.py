@@ -35,6 +35,7 @@ def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
   from evolq_jax.search import engine
   monkeypatch.setattr(accuracy, "RESULTS", str(tmp_path))
   monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+  monkeypatch.setattr(common, "PAGES_DIR", str(tmp_path))
   real, visits = getattr(engine.search_block, "__wrapped__", engine.search_block), []
 
   def search_block(*a, **k):

@@ -3,7 +3,7 @@ calibration set, never test data); the init counts as pass 0. Two rules:
 
 - "last_unless_worse" (the default): keep the last pass unless a one-sided
   sign test on the images where it and the init disagree says it is worse than
-  the init (then keep the init). benchmarks/results/pick_study.md is the
+  the init (then keep the init). docs/results/pick_study.md is the
   evidence: over the committed grids, the last pass scored higher on test than
   the best held-out pass in 49 searches and lower in 21 (p = 0.0005).
 - "best_significant": the best held-out pass among those whose gain over the
