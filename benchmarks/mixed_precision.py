@@ -40,6 +40,10 @@ BEDS = {  # name -> (config, activation settings, budgets, test limit)
     "vit": ("configs/cifar10.py:W3A8", (8, 4), (3.0, 4.0, 5.0), 0),
 }
 DETERMINISTIC = ("uniform", "sensitivity")
+# the methods' labels here -> BitsConfig fields ("evolq" ran before the tournament's
+# first pool could start from the sensitivity fill; "evolq-seeded" is today's default)
+LABELS = {"evolq": {"method": "evolq", "start": "random"},
+          "evolq-seeded": {"method": "evolq", "start": "sensitivity"}}
 # the scale search / reconstruction run at the chosen widths, at a budget that fits 2 cores
 AFTER = {"adaround": {"strategy": "adaround", "recon_iters": 500},
          "adam": {"strategy": "adam", "passes": 2, "generations": 10, "lr": 0.3,
@@ -78,7 +82,8 @@ def _top1(ctx, qcfg, qparams):
 def run_cell(ctx, bed, a_bits, budget, method, seed, after):
   c, cfg, params = ctx["c"], ctx["cfg"], ctx["params"]
   calib = ctx["data"]["calib"]
-  bcfg = dataclasses.replace(BitsConfig(**c.bits.to_dict()), w_budget=budget, method=method)
+  bcfg = dataclasses.replace(BitsConfig(**c.bits.to_dict()), w_budget=budget,
+                             **LABELS.get(method, {"method": method}))
   images, fp_ref = calib[:bcfg.images], ctx["fp_calib"][:bcfg.images]
   chosen = choose_bits(cfg, ctx["qcfg"], bcfg, params, ctx["acts"], images, fp_ref, seed=seed,
                        progress=False, deltas=ctx["deltas"])
@@ -130,7 +135,10 @@ def page(payload: dict) -> str:
   lines = ["Per-layer weight widths under an average-bits budget (`benchmarks/mixed_precision.py`)"
            ": top-1 at the chosen widths (init: min/max scales with the recipe's bias "
            "correction), then after each method run at them. Size: the widths' own bytes "
-           "(params x bits / 8); the export packs codes of <= 4 bits two a byte.", "",
+           "(params x bits / 8); the export packs codes of <= 4 bits two a byte. Methods: "
+           "`evolq` is the tournament from the uniform assignment and random feasible ones, "
+           "`evolq-seeded` the tournament from the uniform assignment, the sensitivity fill "
+           "and its mutants (the package's default, `bits.start=sensitivity`).", "",
            "| bed | A | budget | method | seed | avg bits | size (KB) | export codes (KB) "
            "| GBOPs | calib loss (bit search) | top-1 init | after |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]

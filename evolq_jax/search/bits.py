@@ -16,7 +16,10 @@ vmapped program (in chunks of `bits.chunk` candidates).
 Methods (`bits.method`):
   evolq        the paper's tournament over discrete choices: a pool, children
                bred from tournament winners by moving genes one width up or
-               down, the worst dropped;
+               down, the worst dropped. Its first pool: the uniform assignment,
+               the sensitivity fill and its mutants (bits.start=sensitivity,
+               the default; random feasible assignments, bits.start=random,
+               are nearly all useless);
   SimpleGA     evosax's GA on a continuous vector rounded to choice indices;
   sensitivity  HAWQ-like without the Hessian: each layer's loss increase when
                it alone goes down a width (all others at the widest choice),
@@ -48,6 +51,9 @@ from evolq_jax.quant.weights import bias_correct, kernel_paths
 from evolq_jax.search.fitness import forward_loss
 
 METHODS = ("evolq", "SimpleGA", "sensitivity", "uniform", "random")
+# The tournament's first pool, besides the uniform assignment: the sensitivity fill
+# and its mutants, or random feasible assignments.
+STARTS = ("sensitivity", "random")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,7 @@ class BitsConfig:
   choices: tuple = (2, 3, 4, 6, 8)
   bops_budget: float = 0.0    # G bit-operations per image (w bits x a bits x MACs); 0 = none
   method: str = "evolq"
+  start: str = "sensitivity"  # the tournament's first pool: "sensitivity" or "random"
   generations: int = 20
   popsize: int = 16           # children per generation (evolq), lambda (SimpleGA)
   pool: int = 16              # the tournament's pool
@@ -72,6 +79,8 @@ class BitsConfig:
       check_bits(b, "bits.choices entry")
     if self.method not in METHODS:
       raise ValueError(f"bits.method={self.method!r} is unknown: expected one of {METHODS}.")
+    if self.start not in STARTS:
+      raise ValueError(f"bits.start={self.start!r} is unknown: expected one of {STARTS}.")
     if self.w_budget and not min(self.choices) <= self.w_budget:
       raise ValueError(f"bits.w_budget={self.w_budget!r} is below the narrowest choice "
                        f"{min(self.choices)}: no assignment fits; raise it or add narrower "
@@ -239,24 +248,34 @@ def uniform_index(problem: Problem) -> np.ndarray:
   return np.zeros(n, int)
 
 
-def _tournament(problem: Problem, rng, bar) -> tuple:
+def _mutate(problem: Problem, parent: np.ndarray, rng) -> np.ndarray:
+  """Each layer moves one width up or down with probability 2 / layers (at least
+  one moves), then the budget is repaired."""
+  n = len(parent)
+  child = parent.copy()
+  moved = rng.random(n) < 2.0 / n
+  moved[rng.integers(n)] = True
+  child[moved] += rng.choice((-1, 1), int(moved.sum()))
+  return problem.repair(np.clip(child, 0, len(problem.choices) - 1), rng)
+
+
+def _tournament(problem: Problem, rng, bar, seed: np.ndarray | None = None) -> tuple:
+  """The tournament over choice indices. Its first pool: the uniform assignment,
+  then `seed` (the sensitivity fill) and its mutants, or without a seed random
+  feasible assignments."""
   b, n = problem.bcfg, len(problem.paths)
-  pool = [uniform_index(problem)] + [problem.repair(rng.integers(0, len(problem.choices), n), rng)
-                                     for _ in range(b.pool - 1)]
-  pool = np.stack(pool)
+  if seed is None:
+    rest = [problem.repair(rng.integers(0, len(problem.choices), n), rng)
+            for _ in range(b.pool - 1)]
+  else:
+    rest = [seed] + [_mutate(problem, seed, rng) for _ in range(b.pool - 2)]
+  pool = np.stack([uniform_index(problem)] + rest)
   fit = problem.score(pool)
   history = []
   for g in range(b.generations):
     picks = rng.integers(0, b.pool, (b.popsize, b.tournament))
     parents = pool[picks[np.arange(b.popsize), np.argmin(fit[picks], axis=1)]]
-    children = []
-    for parent in parents:
-      child = parent.copy()
-      moved = rng.random(n) < 2.0 / n
-      moved[rng.integers(n)] = True  # at least one gene moves
-      child[moved] += rng.choice((-1, 1), int(moved.sum()))
-      children.append(problem.repair(np.clip(child, 0, len(problem.choices) - 1), rng))
-    children = np.stack(children)
+    children = np.stack([_mutate(problem, parent, rng) for parent in parents])
     f = problem.score(children)
     pool, fit = np.concatenate([pool, children]), np.concatenate([fit, f])
     keep = np.argsort(fit, kind="stable")[:b.pool]
@@ -332,6 +351,15 @@ def sensitivity(problem: Problem, delta=None) -> tuple:
   return idx, table
 
 
+def _deltas(problem: Problem, cache: dict | None) -> np.ndarray:
+  """sensitivity_deltas, kept in `cache` (choose_bits' `deltas`) across calls."""
+  if cache is None:
+    return sensitivity_deltas(problem)
+  if "table" not in cache:
+    cache["table"] = sensitivity_deltas(problem)
+  return cache["table"]
+
+
 def choose_bits(cfg, qcfg, bcfg: BitsConfig, params, acts, images, fp_ref, seed: int = 0,
                 loss: str = "infonce", temperature: float = 3.0, progress: bool = True,
                 deltas: dict | None = None) -> BitsResult:
@@ -347,14 +375,15 @@ def choose_bits(cfg, qcfg, bcfg: BitsConfig, params, acts, images, fp_ref, seed:
   with tqdm(total=bcfg.generations if bcfg.method in ("evolq", "SimpleGA") else 0,
             disable=not progress, desc=f"bits ({bcfg.method})") as bar:
     if bcfg.method == "evolq":
-      idx, fit, history = _tournament(problem, rng, bar)
+      seed_idx = None
+      if bcfg.start == "sensitivity":
+        seed_idx, _ = sensitivity(problem, _deltas(problem, deltas))
+      idx, fit, history = _tournament(problem, rng, bar, seed_idx)
     elif bcfg.method == "SimpleGA":
       idx, fit, history = _simple_ga(problem, rng, bar, seed)
     else:
       if bcfg.method == "sensitivity":
-        if deltas is not None and "table" not in deltas:
-          deltas["table"] = sensitivity_deltas(problem)
-        idx, extra = sensitivity(problem, None if deltas is None else deltas["table"])
+        idx, extra = sensitivity(problem, _deltas(problem, deltas))
       elif bcfg.method == "uniform":
         idx = uniform_index(problem)
       else:
