@@ -112,6 +112,7 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
   rc = main(["search", "--config", "configs/fixture_w4a8.py", "--workdir", str(tmp_path),
              "--set", "bits.w_budget=3.5", "--set", "bits.generations=2",
              "--set", "bits.popsize=4", "--set", "bits.pool=4", "--set", "bits.images=100",
+             "--set", "bits.start='random'",  # no sensitivity table: 105 fewer scorings
              "--set", "calib.num_images=100", "--set", "eval.limit=200",
              "--set", "search.passes=1", "--set", "search.generations=1",
              "--set", "search.units=(-1,)", "--set", "search.loss_batch=50"])
