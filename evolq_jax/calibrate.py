@@ -25,21 +25,18 @@ def _rule(cfg, qcfg: QuantConfig, path):
   return rule_for(act_rules(cfg, qcfg), "/".join(k.key for k in path))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _fold_batch(cfg, qcfg: QuantConfig, params, states, images):
-  _, stats = calibration_stats(cfg, params, images)
-
+def _fold(cfg, qcfg: QuantConfig, stats, states):
+  """Every point's observer state updated with the batch's statistics."""
   def fold(path, x, state):
     rule = _rule(cfg, qcfg, path)
     return observers.update(observer_of(rule, qcfg), state, x,
                             channelwise=rule.quantizer == "ptf")
 
-  return jax.tree_util.tree_map_with_path(fold, stats["stats"], states)
+  return jax.tree_util.tree_map_with_path(fold, stats, states)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _finalize(cfg, qcfg: QuantConfig, params, states, last_images):
-  _, stats = calibration_stats(cfg, params, last_images)
+def _final(cfg, qcfg: QuantConfig, stats, states):
+  """Every point's scale and zero point from its state and the last batch (OMSE, PTF)."""
   spec = qcfg.a_spec
 
   def final(path, x, state):
@@ -50,7 +47,22 @@ def _finalize(cfg, qcfg: QuantConfig, params, states, last_images):
       scale, zp = observers.finalize(observer_of(rule, qcfg), state, x, spec)
     return {"scale": scale, "zero_point": zp}
 
-  return jax.tree_util.tree_map_with_path(final, stats["stats"], states)
+  return jax.tree_util.tree_map_with_path(final, stats, states)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fold_batch(cfg, qcfg: QuantConfig, params, states, images):
+  _, stats = calibration_stats(cfg, params, images)
+  return _fold(cfg, qcfg, stats["stats"], states)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fold_and_finalize(cfg, qcfg: QuantConfig, params, states, last_images):
+  """The last batch: folded in and then finalized from the same forward (one
+  program and one forward instead of two)."""
+  _, stats = calibration_stats(cfg, params, last_images)
+  states = _fold(cfg, qcfg, stats["stats"], states)
+  return states, _final(cfg, qcfg, stats["stats"], states)
 
 
 def _init_states(cfg, qcfg, params, images):
@@ -77,10 +89,13 @@ def calibrate(cfg, qcfg: QuantConfig, params, images, batch_size: int = 100,
                      f"{batch_size}: lower calib.batch_size or pass more images.")
   batches = [jnp.asarray(images[i * batch_size:(i + 1) * batch_size]) for i in range(n_batches)]
   states = _init_states(cfg, qcfg, params, batches[0])
-  for batch in tqdm(batches, desc="calibrate", disable=not progress, leave=False):
-    states = _fold_batch(cfg, qcfg, params, states, batch)
+  with tqdm(total=n_batches, desc="calibrate", disable=not progress, leave=False) as bar:
+    for batch in batches[:-1]:
+      states = _fold_batch(cfg, qcfg, params, states, batch)
+      bar.update(1)
+    states, acts = _fold_and_finalize(cfg, qcfg, params, states, batches[-1])
+    bar.update(1)
   _check_finite(states)
-  acts = _finalize(cfg, qcfg, params, states, batches[-1])
   qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer,
                                                     qcfg.weight_rules), acts=acts)
   bad = non_finite_paths(qparams)
