@@ -90,8 +90,9 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
   qcfg = dataclasses.replace(ctx["qcfg"], layer_bits=chosen.rules(ctx["qcfg"].w_bits))
   qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules),
                     ctx["acts"])
-  record = {"bed": bed, "a_bits": a_bits, "budget": budget, "method": method, "seed": seed,
+  record = {"bed": bed, "a_bits": a_bits, "budget": budget, "seed": seed,
             **{k: v for k, v in chosen.to_json().items() if k != "history"},
+            "method": method, "start": bcfg.start if bcfg.method == "evolq" else None,
             "history": chosen.history if method != "sensitivity" else [],
             "init_top1": _top1(ctx, qcfg, qparams), "after": {}}
   for name in after:
@@ -203,7 +204,7 @@ def plot(payload: dict, path: str) -> None:
   for ax, (bed, a) in zip(axes[0], beds):
     rows = [r for r in payload["runs"] if r["bed"] == bed and r["a_bits"] == a]
     for m in sorted({r["method"] for r in rows}):
-      i = METHODS.index(m)  # one colour per method in every panel
+      i = (METHODS + tuple(LABELS)).index(m)  # one colour per method in every panel
       mine = [r for r in rows if r["method"] == m]
       ax.scatter([r["size_bytes"] / 1e6 for r in mine], [r["init_top1"] for r in mine],
                  color=f"C{i}", label=f"{m} (init)", s=18)

@@ -96,7 +96,8 @@ def headline() -> str:
       _grid_row("efficientnet_lite0", "W4A8", "EfficientNet-Lite0, ImageNet sample (500)"),
       _grid_row("efficientnet_lite0", "W4A4", "EfficientNet-Lite0, ImageNet sample (500)"),
       f"| EfficientNet-Lite0 (500), per-layer widths | ≤ 4.5 bits average, A8 | {lite0_fp:.2f} | "
-      f"uniform W4: {_cell(mixed['uniform'], seeds=False)} | {_cell(mixed['evolq'])} | sensitivity: "
+      f"uniform W4: {_cell(mixed['uniform'], seeds=False)} | "
+      f"{_cell(mixed.get('evolq-seeded') or mixed['evolq'])} | sensitivity: "
       f"{_cell(mixed['sensitivity'])} | [mixed_precision](docs/results/mixed_precision.md) |",
       "", "Deployed as QDQ ONNX in ONNX Runtime (2 threads, W4A8; "
       "[deploy](docs/results/deploy.md)):", "",
