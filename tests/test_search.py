@@ -192,8 +192,8 @@ def test_every_gradient_step_is_scored(setup):
   steps + 1 per visit, the start's loss being the first step's."""
   params, x, qparams, fp_ref = setup
   scfg = SearchConfig(strategy="adam", lr=0.05, passes=1, generations=1, loss_batch=LB)
-  qp, records, n = engine.search_block(CFG, QCFG, scfg, params, qparams, x, fp_ref, 1,
-                                       jax.random.key(0))
+  qp, records, n, _ = engine.search_block(CFG, QCFG, scfg, params, qparams, x, fp_ref, 1,
+                                          jax.random.key(0))
   assert n == 2 and [r["evaluated"] for r in records] == [1, 2]
   start, stepped = records
   assert stepped["gen_min"] != pytest.approx(start["gen_min"], abs=1e-7)  # the update is scored
@@ -253,6 +253,30 @@ def test_kill_and_resume_equals_uninterrupted(setup, tmp_path, monkeypatch):
   assert resumed.candidates == full.candidates
   assert len(resumed.history) == len(full.history)
   for u, v in zip(jax.tree.leaves(full.qparams), jax.tree.leaves(resumed.qparams)):
+    np.testing.assert_array_equal(u, v)
+
+
+def test_carried_optimizer_state_continues_adam_across_visits(setup, tmp_path, monkeypatch):
+  """search.carry_optimizer: a unit's second visit starts from the Adam state its first
+  ended with (a step count of generations, not 0), so pass 1 is the same and pass 2
+  differs; the carried state is checkpointed, and a killed run resumes to the same
+  result bit for bit."""
+  params, x, qparams, fp_ref = setup
+  scfg = SearchConfig(strategy="adam", lr=0.1, generations=2, loss_batch=LB)
+  _, _, _, carry = engine.search_block(CFG, QCFG, scfg, params, qparams, x, fp_ref, 1,
+                                       jax.random.key(0))
+  assert carry[0] == 2  # Adam's step count after 2 steps; then the moments
+  assert len(carry) == 3 and np.any(np.asarray(carry[1]) != 0)
+  fresh = _run(setup, strategy="adam", children=1, lr=0.1)
+  carried = _run(setup, strategy="adam", children=1, lr=0.1, carry_optimizer=True)
+  first = len(fresh.history) // 2  # pass 1's records
+  assert carried.history[:first] == fresh.history[:first]
+  assert carried.history[first:] != fresh.history[first:]
+  resumed = _killed_then_resumed(monkeypatch, lambda **kw: _run(
+      setup, strategy="adam", children=1, lr=0.1, carry_optimizer=True,
+      workdir=str(tmp_path), **kw))
+  assert resumed.history == carried.history
+  for u, v in zip(jax.tree.leaves(carried.qparams), jax.tree.leaves(resumed.qparams)):
     np.testing.assert_array_equal(u, v)
 
 

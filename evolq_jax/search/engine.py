@@ -39,8 +39,12 @@ def _jitted_strategy(scfg: SearchConfig, num_dims: int, radius: float):
 
 
 def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref, unit: int,
-                 key, on_generation: Optional[Callable] = None):
-  """Search one unit's scales. -> (qparams, records, candidates evaluated)."""
+                 key, on_generation: Optional[Callable] = None, carry: Optional[list] = None):
+  """Search one unit's scales. -> (qparams, records, candidates evaluated, carry).
+
+  carry: a gradient method's optimizer state at the end of this unit's previous
+  visit (its leaves as lists, as returned here; None: a fresh optimizer). The
+  returned carry is this visit's final state (None for other strategies)."""
   vec0, layout = searched_scales(cfg, qcfg, qparams, unit, scfg.space)
   # the unit's trees and its segment's stacks, once for the prefix and both scorers
   inputs = unit_inputs(cfg, unit, layout, params, quantize_params(qcfg, params, qparams), qparams,
@@ -58,6 +62,10 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
   f0 = None if grad_score else float(score(vec0[None])[0])
   key, k_init = jax.random.split(key)
   state = strategy.init(k_init, vec0, jnp.float32(0.0 if f0 is None else f0))
+  if carry is not None and grad_score:  # z = 0 is the unit's scales now; the moments go on
+    leaves, tree = jax.tree.flatten(state.opt_state)
+    state = state._replace(opt_state=jax.tree.unflatten(
+        tree, [jnp.asarray(v, l.dtype) for v, l in zip(carry, leaves)]))
   best_vec, best_f, records, n = vec0, f0, [], 0 if grad_score else 1
 
   def keep(g, scales, fit):
@@ -88,20 +96,22 @@ def search_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
     fit = score(scales)
     n += 1
     keep(scfg.generations, scales, fit)
-  return set_scales(qparams, best_vec, layout), records, n
+    carry = [np.asarray(leaf).tolist() for leaf in jax.tree.leaves(state.opt_state)]
+  return set_scales(qparams, best_vec, layout), records, n, carry if grad_score else None
 
 
 def reconstruct_block(cfg, qcfg, scfg: SearchConfig, params, qparams, images, fp_ref,
-                      unit: int, key, on_generation: Optional[Callable] = None):
+                      unit: int, key, on_generation: Optional[Callable] = None, carry=None):
   """One unit of a reconstruction strategy (search/reconstruct.py), reported like a
   search's unit: one record whose `best` is the whole model's calibration loss after
-  it (no elitism: reconstruction minimizes its own loss). -> (qparams, records, steps)."""
+  it (no elitism: reconstruction minimizes its own loss). -> (qparams, records, steps,
+  None): each unit is visited once, so nothing carries."""
   out, rec, n = reconstruct.reconstruct_unit(cfg, qcfg, scfg, params, qparams, images, unit,
                                              key, on_chunk=on_generation)
   fit = calibration_fitness(cfg, qcfg, params, out, images, fp_ref, scfg)
   record = {"generation": n, "best": fit, "gen_min": fit, "gen_mean": fit, "start": None,
             "evaluated": n, "reconstruction": rec}
-  return out, [record], n
+  return out, [record], n, None
 
 
 def unit_schedule(scfg: SearchConfig, order: tuple) -> list:
@@ -151,8 +161,10 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   pass_end = schedule[len(schedule) // n_passes - 1][1]  # a pass's last unit
   if recon:  # learned 0/1 per weight, from to-nearest
     qparams = adaround.with_rounding(params, qparams)
+  # "optimizer": {unit: carried optimizer state} (search.carry_optimizer), in the JSON
+  # state so that a resumed run goes on with the same moments
   state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
-           "fitness_init": None, "holdout": [], "selected_pass": 0}
+           "fitness_init": None, "holdout": [], "selected_pass": 0, "optimizer": {}}
   selected = qparams_init = qparams
   if resume and workdir:
     restored = ckpt.restore(workdir, qparams)
@@ -180,8 +192,11 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
 
     key = jax.random.fold_in(jax.random.key(seed), step)
     pass_cfg = dataclasses.replace(scfg, lr=pass_lr(scfg.lr, scfg.lr_schedule, p, scfg.passes))
-    qparams, records, n = visit(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
-                                key, on_generation)
+    carries = state.setdefault("optimizer", {})
+    qparams, records, n, carry = visit(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
+                                       key, on_generation, carries.get(str(b)))
+    if scfg.carry_optimizer and carry is not None:
+      carries[str(b)] = carry
     for rec in records:  # "evaluated" counts this unit's evaluations so far, its start included
       state["history"].append({"pass": p, "block": b, **rec,
                                "candidates": state["candidates"] + rec.pop("evaluated")})

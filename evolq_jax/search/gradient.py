@@ -5,12 +5,13 @@ Scales are optimized in log space (scale = scale0 * exp(z)), starting at z = 0.
 Each generation is one step: its forward (+ backward) counts as one candidate
 evaluation. The engine gives `tell` the gradient of the loss w.r.t. z.
 
-Every unit visit starts a fresh optimizer, so Adam's first step moves every
+By default every unit visit starts a fresh optimizer, so Adam's first step moves every
 scale by about exp(+-lr); with a constant rate the later passes may keep
 nothing (CIFAR-10 W3A4, lr 0.3: nothing after pass 5 of 10). `pass_lr` lowers
 the rate over the passes (schedule "cosine": from lr at the first pass to near
 0 at the last); there it kept improving to the last pass but ended behind the
-constant rate (README, the CIFAR-10 reading).
+constant rate (docs/results.md, the CIFAR-10 reading). `search.carry_optimizer` keeps
+the optimizer's state from one visit of a unit to its next instead (engine.py).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ fields, so no field means two things:
   searches:   passes, generations                      (every family but reconstruction)
   tournament: pool, tournament, children, radius, step (evolq, random)
   evosax:     popsize, sigma, param                    (Sep_CMA_ES, SNES, ...)
-  gradient:   lr, lr_schedule                          (adam, sgd: one step a generation)
+  gradient:   lr, lr_schedule, carry_optimizer         (adam, sgd: one step a generation)
   reconstruction: recon_iters, recon_batch, round_lr, qdrop, recon_acts
                                                        (adaround: one pass, first unit first;
                                                        layers and acts are not read)
@@ -51,6 +51,9 @@ class SearchConfig:
   # gradient (adam, sgd)
   lr: float = 0.02           # in log-scale space: scale = scale0 * exp(z)
   lr_schedule: str = "constant"  # over passes: constant | cosine (lr -> ~0 at the last pass)
+  # keep the optimizer's state (Adam's moments and step count) from one visit of a unit to
+  # its next, instead of a fresh optimizer at every visit
+  carry_optimizer: bool = False
   # reconstruction (adaround): Adam steps per unit on random batches of recon_batch
   # calibration images (the papers: 20,000 x 32 per block on a GPU)
   recon_iters: int = 1000
