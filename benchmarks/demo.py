@@ -12,7 +12,6 @@ and the load average at its start; a run whose start was not idle says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
@@ -59,14 +58,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--recipes", nargs="+", default=["reference", "fqvit"])
   ap.add_argument("--workdir", default="runs/demo_bench")
-  ap.add_argument("--report", action="store_true",
-                  help="rewrite demo.md from the committed demo.json (no run)")
-  args = ap.parse_args(argv)
-  if args.report:
-    with open(os.path.join(RESULTS, "demo.json")) as f:
-      payload = json.load(f)
-    write_results("demo", payload, page(payload))
-    return
+  args = ap.parse_args(argv)  # the page alone, from demo.json: python benchmarks/pages.py demo
   runs = []
   for recipe in args.recipes:
     workdir = os.path.join(args.workdir, recipe)

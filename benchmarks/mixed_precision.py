@@ -237,7 +237,9 @@ def main(argv=None):
   ap.add_argument("--bed", choices=sorted(BEDS), default="lite0")
   ap.add_argument("--a-bits", nargs="+", type=int, default=None)
   ap.add_argument("--budgets", nargs="+", type=float, default=None)
-  ap.add_argument("--methods", nargs="+", default=["uniform", "sensitivity", "random", "evolq"])
+  ap.add_argument("--methods", nargs="+",
+                  default=["uniform", "sensitivity", "random", "evolq", "evolq-seeded"],
+                  help=f"bits.method names, or the labels {sorted(LABELS)}")
   ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   ap.add_argument("--after", nargs="*", default=[], choices=sorted(AFTER),
                   help="methods run at the chosen widths (for the non-random methods)")

@@ -74,8 +74,8 @@ def _grid_row(name: str, setting: str, label: str) -> str:
   others = {m: v for m, v in by.items()
             if not m.startswith(("init-", "evolq-infonce")) and m != "clip-ratio"}
   best = max(others, key=lambda m: np.mean(others[m]))
-  return (f"| {label} | {setting} | {grid['fp_top1']:.2f} | {_cell(by['init-reference'], seeds=False)} | "
-          f"{_cell(by['evolq-infonce'])} | {best}: {_cell(others[best])} | "
+  return (f"| {label} | {setting} | {grid['fp_top1']:.2f} | "
+          f"{_cell(by['init-reference'], seeds=False)} | {_cell(by['evolq-infonce'])} | {best}: {_cell(others[best])} | "
           f"[{name}](docs/results/{name}.md) |")
 
 
@@ -91,7 +91,8 @@ def headline() -> str:
       "tournament) | best other method | page |",
       "|---|---|---|---|---|---|---|",
       f"| ViT on Fashion-MNIST (10,000), `evolq demo` | W3A8 | {demo['fp_top1']:.2f} | "
-      f"{demo['init_top1']:.2f} | {demo['final_top1']:.2f} (1 seed) | – | [demo](docs/results/demo.md) |",
+      f"{demo['init_top1']:.2f} | {demo['final_top1']:.2f} (1 seed) | – | "
+      "[demo](docs/results/demo.md) |",
       _grid_row("accuracy_cifar10", "W3A4", "ViT on CIFAR-10 (10,000)"),
       _grid_row("efficientnet_lite0", "W4A8", "EfficientNet-Lite0, ImageNet sample (500)"),
       _grid_row("efficientnet_lite0", "W4A4", "EfficientNet-Lite0, ImageNet sample (500)"),

@@ -23,12 +23,11 @@ import json
 import os
 import sys
 
-from common import git_commit, write_results
+from common import COMMITTED, git_commit, write_results
 
 from evolq_jax.search.selection import pick, sign_test
 
 # the committed grids (read from the repo even when EVOLQ_RESULTS redirects the output)
-COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 GRIDS = ("accuracy.json", "accuracy_cifar10.json", "efficientnet_lite0.json")
 # the rules at the CLI's level: the default now and the default before this study
 RULES = {"last_unless_worse": ("last_unless_worse", 0.05),

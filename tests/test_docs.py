@@ -10,7 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-HAND_WRITTEN = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+HAND_WRITTEN = ([os.path.join(ROOT, "README.md")]
+                + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))))
 ALL_PAGES = HAND_WRITTEN + sorted(glob.glob(os.path.join(ROOT, "docs", "results", "*.md")))
 
 
