@@ -269,18 +269,18 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
                                               ctx["fp_ref"], ctx["yardstick"])})
   began = time.time()
 
-  def on_block(qp, rec):
+  def on_unit(qp, rec):
     # one line a unit: a grid cell runs for hours with nothing else to show
     passes = 1 if scfg.method.order == "first_last" else scfg.passes
     print(f"{setting} {method} seed {seed}: pass {rec['pass'] + 1}/{passes}, unit "
-          f"{rec['block']}, {rec['candidates']} candidates, loss {rec['fitness']:.4f}, "
+          f"{rec['unit']}, {rec['candidates']} candidates, loss {rec['fitness']:.4f}, "
           f"{time.time() - began:.0f} s in this part", file=sys.stderr, flush=True)
     if wanted:
       add_point({"candidates": rec["candidates"], "fitness": rec["fitness"],
                  **_metrics(ctx, qcfg, qp, CURVE_TEST_IMAGES)})
   r = search(cfg, qcfg, params, qp0, ctx["calib"], scfg, seed=seed, progress=False,
              holdout=ctx["holdout"], holdout_alpha=ctx["holdout_alpha"],
-             holdout_rule="best_significant", on_block=on_block,
+             holdout_rule="best_significant", on_unit=on_unit,
              workdir=folder, resume=folder is not None)
   curve = _unique(curve)
   final = _metrics(ctx, qcfg, r.qparams)

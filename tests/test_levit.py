@@ -208,7 +208,7 @@ def test_levit_units_without_a_selected_layer_are_skipped(tiny):
   labels = np.arange(len(x)) % 10
   r = search(TINY, QCFG, params, qparams, x, scfg, seed=0, progress=False,
              holdout=(x, labels))
-  assert [h["block"] for h in r.history] == [4, 2, 0] * 2
+  assert [h["unit"] for h in r.history] == [4, 2, 0] * 2
   assert [h["pass"] for h in r.holdout] == [0, 1, 2]
 
 
@@ -248,4 +248,4 @@ def test_levit_search_command_end_to_end(tmp_path, capsys):
   assert s["candidates_evaluated"] == 2 * (1 + 1)  # 2 of the 4 units, 1 + 1 each
   assert s["fitness_final"] <= s["fitness_init"] + 1e-5
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["block"] for h in history] == [3, 1]  # the last, then the downsampling unit
+  assert [h["unit"] for h in history] == [3, 1]  # the last, then the downsampling unit

@@ -126,7 +126,7 @@ def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
     assert key in s
   assert s["candidates_evaluated"] == 2 * (1 + 2) and s["fitness_final"] <= s["fitness_init"] + 1e-5
   lines = (tmp_path / "history.jsonl").read_text().splitlines()
-  assert [json.loads(l)["block"] for l in lines] == [5, 1]  # the last unit first
+  assert [json.loads(l)["unit"] for l in lines] == [5, 1]  # the last unit first
   assert (tmp_path / "fitness.png").stat().st_size > 1000
   assert s["holdout_images"] == 30 and [h["pass"] for h in s["holdout"]] == [0, 1]
   assert s["selected_pass"] in (0, 1) and "last_pass_top1" in s

@@ -101,7 +101,7 @@ def test_reconstruction_resumes_to_the_same_result(fixture, tmp_path, monkeypatc
   run = lambda **kw: search(cfg, qcfg, params, qparams, x, scfg, progress=False,  # noqa: E731
                             **kw)
   full = run()
-  assert [h["block"] for h in full.history] == [4, 5]  # first to last, one pass
+  assert [h["unit"] for h in full.history] == [4, 5]  # first to last, one pass
   assert full.candidates == 40 and full.selected_pass == 1
   real, calls = engine.reconstruct_block, {"n": 0}
 

@@ -220,5 +220,5 @@ def test_swin_search_cli_end_to_end(tmp_path, capsys):
   assert s["model"] == cfg.name and (s["w_bits"], s["a_bits"]) == (4, 8)
   assert s["candidates_evaluated"] == 2 * 2  # per unit: its start and one child
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["block"] for h in history] == [2, 1]  # of 3 units, last first
+  assert [h["unit"] for h in history] == [2, 1]  # of 3 units, last first
   assert np.isfinite(s["fitness_final"]) and s["fitness_final"] <= s["fitness_init"]

@@ -3,20 +3,22 @@
 For each unit: cache the prefix activations, score the current scales, run
 the strategy for `generations` generations (ask -> fitness -> tell), and keep
 the best candidate only if it beats the current scales (unit-level elitism:
-calibration fitness never gets worse). An orbax checkpoint is written after
-every unit, so a killed run resumes to the same result.
+calibration fitness never gets worse). The loop's state is typed
+(search/state.py); what happens around each unit (the held-out pick, progress,
+the caller's callback, an orbax checkpoint after every unit, so that a killed
+run resumes to the same result) are hooks (search/hooks.py).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import time
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from evolq_jax import cache
 from evolq_jax.models.forward import quantize_params, units
@@ -27,8 +29,10 @@ from evolq_jax.search import reconstruct, selection
 from evolq_jax.search.fitness import (calibration_fitness, gradient_scorer, population_scorer,
                                       reference_logits, segment_prefix, unit_inputs)
 from evolq_jax.search.gradient import pass_lr
+from evolq_jax.search.hooks import Hook, default_hooks
 from evolq_jax.search.settings import SearchConfig, SearchResult
 from evolq_jax.search.space import searched_scales, set_scales
+from evolq_jax.search.state import EngineState, Run
 from evolq_jax.search.strategies import build, paper_radius
 
 
@@ -126,6 +130,7 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
            seed: int = 0, workdir: Optional[str] = None, resume: bool = False,
            progress: bool = True, holdout=None, holdout_alpha: float = 0.05,
            holdout_rule: str = "last_unless_worse",
+           on_unit: Optional[Callable] = None, hooks: Sequence[Hook] = (),
            on_block: Optional[Callable] = None) -> SearchResult:
   """Evol-Q: `scfg.passes` passes over the model's units (last to first); a
   reconstruction strategy (adaround): one pass, first to last.
@@ -136,15 +141,21 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
     with a one-sided sign test at `holdout_alpha` on the images they disagree
     on (selection.py): by default the last pass unless it is significantly
     worse than the init. The search itself always continues from the last pass.
-  on_block: optional callback(qparams, record) after every unit, e.g. for a
-    budget curve; record has pass, block (the unit index), candidates and fitness.
+  on_unit: optional callback(qparams, record) after every unit, e.g. for a
+    budget curve; record has pass, unit, candidates and fitness. (on_block: its
+    old name, deprecated.)
+  hooks: more hooks (search/hooks.py), called after the default ones (held-out
+    pick, progress, on_unit, checkpoint) around every unit.
   The result's `seconds` counts the time of earlier, interrupted parts of a
   resumed run too (up to their last checkpoint).
   """
   if scfg.radius == 0:
     scfg = dataclasses.replace(scfg, radius=paper_radius(qcfg.w_bits))
   selection.check_rule(holdout_rule)
-  start_time = time.time()
+  if on_block is not None:
+    warnings.warn("search(on_block=...) is renamed on_unit=...", DeprecationWarning, stacklevel=2)
+    on_unit = on_unit or on_block
+  began = time.time()
   images = jnp.asarray(images)
   if len(images) < scfg.loss_batch:
     raise ValueError(f"{len(images)} calibration images are fewer than search.loss_batch="
@@ -161,68 +172,51 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   pass_end = schedule[len(schedule) // n_passes - 1][1]  # a pass's last unit
   if recon:  # learned 0/1 per weight, from to-nearest
     qparams = adaround.with_rounding(params, qparams)
-  # "optimizer": {unit: carried optimizer state} (search.carry_optimizer), in the JSON
-  # state so that a resumed run goes on with the same moments
-  state = {"position": 0, "history": [], "candidates": 0, "elapsed": 0.0,
-           "fitness_init": None, "holdout": [], "selected_pass": 0, "optimizer": {}}
-  selected = qparams_init = qparams
+  run = Run(qparams, qparams, qparams, EngineState(), began)
   if resume and workdir:
     restored = ckpt.restore(workdir, qparams)
     if restored is not None:
-      qparams, selected, state = restored
-  if state["fitness_init"] is None:
-    state["fitness_init"] = calibration_fitness(cfg, qcfg, params, qparams, images, fp_ref, scfg)
-  if holdout is not None:
-    init_correct = selection.holdout_correct(cfg, qcfg, params, qparams_init, holdout)
-    if not state["holdout"]:
-      state["holdout"] = [selection.pass_record(0, init_correct, init_correct,
-                                                state["fitness_init"])]
+      run.qparams, run.selected, state = restored
+      run.state = EngineState.from_json(state)
+  state = run.state
+  if state.fitness_init is None:
+    state.fitness_init = calibration_fitness(cfg, qcfg, params, run.qparams, images, fp_ref,
+                                             scfg)
+  scorer = functools.partial(selection.holdout_correct, cfg, qcfg, params)
+  hooks = [*default_hooks(scorer, holdout, holdout_alpha, holdout_rule, n_passes, progress,
+                          on_unit, workdir), *hooks]
   per_unit = (reconstruct.chunks(scfg) if recon
               else scfg.generations + scfg.method.scores_last_step)  # + its last step's score
   visit = reconstruct_block if recon else search_block
-  bar = tqdm(total=len(schedule) * per_unit, initial=state["position"] * per_unit,
-             disable=not progress, desc="search")
-  for step in range(state["position"], len(schedule)):
+  for h in hooks:
+    h.start(run, schedule, per_unit)
+
+  def on_generation(rec):
+    for h in hooks:
+      h.on_generation(run, rec)
+
+  for step in range(state.position, len(schedule)):
     p, b = schedule[step]
-    bar.set_description(f"pass {p + 1}/{n_passes} unit {b}")
-
-    def on_generation(rec):
-      bar.update(1)
-      bar.set_postfix({k: f"{rec[k]:.4f}" for k in ("best", "rec_loss") if k in rec})
-
+    for h in hooks:
+      h.before_unit(run, p, b)
     key = jax.random.fold_in(jax.random.key(seed), step)
     pass_cfg = dataclasses.replace(scfg, lr=pass_lr(scfg.lr, scfg.lr_schedule, p, scfg.passes))
-    carries = state.setdefault("optimizer", {})
-    qparams, records, n, carry = visit(cfg, qcfg, pass_cfg, params, qparams, images, fp_ref, b,
-                                       key, on_generation, carries.get(str(b)))
+    run.qparams, records, n, carry = visit(cfg, qcfg, pass_cfg, params, run.qparams, images,
+                                           fp_ref, b, key, on_generation,
+                                           state.optimizer.get(str(b)))
     if scfg.carry_optimizer and carry is not None:
-      carries[str(b)] = carry
+      state.optimizer[str(b)] = carry
     for rec in records:  # "evaluated" counts this unit's evaluations so far, its start included
-      state["history"].append({"pass": p, "block": b, **rec,
-                               "candidates": state["candidates"] + rec.pop("evaluated")})
-    state["candidates"] += n
-    state["position"] = step + 1
-    if holdout is not None and b == pass_end:
-      correct = selection.holdout_correct(cfg, qcfg, params, qparams, holdout)
-      state["holdout"].append(selection.pass_record(p + 1, correct, init_correct,
-                                                    state["history"][-1]["best"]))
-      pick = selection.pick(state["holdout"], holdout_alpha, holdout_rule)
-      if pick != state["selected_pass"]:
-        selected = qparams if pick == p + 1 else qparams_init
-        state["selected_pass"] = pick
-      if progress:
-        bar.write(f"pass {p + 1}: held-out top-1 {state['holdout'][-1]['holdout_top1']:.2f} "
-                  f"(selected: pass {state['selected_pass']})")
-    if on_block:
-      on_block(qparams, {"pass": p, "block": b, "candidates": state["candidates"],
-                         "fitness": state["history"][-1]["best"]})
-    if workdir:
-      ckpt.save(workdir, qparams, {**state, "elapsed": state["elapsed"] + time.time() - start_time},
-                selected)
-  bar.close()
-  result = selected if holdout is not None else qparams
+      state.history.append({"pass": p, "unit": b, **rec,
+                            "candidates": state.candidates + rec.pop("evaluated")})
+    state.candidates += n
+    state.position = step + 1
+    for h in hooks:
+      h.after_unit(run, p, b, b == pass_end)
+  for h in hooks:
+    h.end(run)
+  result = run.selected if holdout is not None else run.qparams
   final = calibration_fitness(cfg, qcfg, params, result, images, fp_ref, scfg)
-  return SearchResult(result, state["history"], state["fitness_init"], final,
-                      state["candidates"], state["elapsed"] + time.time() - start_time,
-                      state["selected_pass"] if holdout is not None else n_passes,
-                      state["holdout"], qparams)
+  return SearchResult(result, state.history, state.fitness_init, final, state.candidates,
+                      run.seconds(), state.selected_pass if holdout is not None else n_passes,
+                      state.holdout, run.qparams)
