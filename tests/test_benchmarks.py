@@ -13,17 +13,15 @@ FIELDS = ("setting", "method", "seed", "calibration_fitness", "test_top1", "test
           "agreement_with_fp", "candidates_evaluated", "seconds", "git_commit", "config")
 
 
-def _grid(tmp_path, *extra):
-  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), "--settings", "W4A8",
-         "--only", "evolq-infonce", "--seeds", "0", "--passes", "1",
-         "--generations", "1", "--children", "2", "--holdout", "30", "--name", "grid", *extra,
-         "--set", *SMALL]
+def _script(tmp_path, *args):
+  """benchmarks/accuracy.py as a user runs it -> its stdout."""
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "accuracy.py"), *args]
   env = {**os.environ, "EVOLQ_RESULTS": str(tmp_path),
          "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
   out = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads((tmp_path / "grid.json").read_text())
+  return out.stdout
 
 
 def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
@@ -104,9 +102,12 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
   for png in ("grid_top1.png", "grid_budget_W4A8.png"):
     assert (tmp_path / png).stat().st_size > 1000
   # --resume: every cell is there, so nothing runs again
-  again = _grid(tmp_path, "--resume")["runs"]
+  assert _grid_here(tmp_path, monkeypatch, "--resume") == 0
+  again = json.loads((tmp_path / "grid.json").read_text())["runs"]
   assert [(r["method"], r["seed"], r["test_top1"]) for r in again] == \
       [(r["method"], r["seed"], r["test_top1"]) for r in runs]
+  # and the script runs as a script, from another folder
+  assert "--resume" in _script(tmp_path, "--help")
 
 
 def test_targets_table_resolves_best_and_margins(monkeypatch):
