@@ -12,8 +12,9 @@ among its passes on held-out training images (the init counting as pass 0).
 Runs are appended to accuracy.json as they finish; --resume skips the cells
 already there with the same budget, so a killed grid continues. A running
 search checkpoints after every unit under --workdir (default
-runs/accuracy/NAME, one folder per cell and config), so --resume also
-continues a killed cell where it stopped; its record then lists the parts and
+runs/accuracy/NAME, one folder per cell and config, opened as any run folder
+is: locked, its identity in run.json), so --resume also continues a killed
+cell where it stopped, and a cell another process runs is skipped; its record then lists the parts and
 the commits that ran them (extra.resumed). Runs that another --resume process
 wrote to the same JSON meanwhile are kept. --report
 rewrites the tables and plots from the JSON alone (--merge adds the runs
@@ -212,26 +213,29 @@ def _append(path, record):
 
 
 def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=(), root=None):
-  """One cell -> (its record, its folder or None). With `root`, the search
-  checkpoints after every unit in a folder of its own under root (cell_dir),
-  where a killed cell resumes; the caller removes the folder once the record
-  is written. The record is None when another process holds the folder."""
+  """One cell -> (its record, its folder or None). With `root`, the cell is a run
+  folder of its own under root (cell_dir), opened like any run's
+  (workdir.open_run: locked, its identity in run.json, resumed only with the same
+  one); the search checkpoints there after every unit, and a killed cell resumes
+  from it. The caller removes the folder once the record is written. The record is
+  None when another process holds the folder."""
   start, over, _ = SEARCHES[method]
   scfg = dataclasses.replace(search_config(c), **{
       **over, **method_budget(method, budget, len(units(ctx["cfg"])), done_runs)})
   qcfg, qp0 = starts[start]
   folder = None
   if root:
-    folder = cell_dir(root, setting, method, seed, {
+    identity = json.loads(json.dumps({
         "quant": dataclasses.asdict(qcfg), "search": dataclasses.asdict(scfg), "start": start,
         "holdout": len(ctx["holdout"][1]) if ctx.get("holdout") else 0,
-        "holdout_alpha": ctx.get("holdout_alpha"), "source": ctx.get("source")})
-    os.makedirs(folder, exist_ok=True)
+        "holdout_alpha": ctx.get("holdout_alpha"), "source": ctx.get("source")}, default=str))
+    folder = cell_dir(root, setting, method, seed, identity)
   with contextlib.ExitStack() as stack:
     if folder:
+      begun = workdir.read_run(folder) is not None or bool(workdir.results(folder))
       try:
-        stack.enter_context(workdir.lock(folder))
-      except ValueError:  # another grid process holds this cell
+        stack.enter_context(workdir.open_run(folder, "search", identity, resume=begun))
+      except workdir.InUse:  # another grid process runs this cell
         return None, folder
     return _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder), folder
 

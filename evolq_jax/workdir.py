@@ -53,9 +53,14 @@ def _holder(fd: int) -> str:
   return os.read(fd, 400).decode(errors="replace").strip()
 
 
+class InUse(ValueError):
+  """Another process holds the folder's lock."""
+
+
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Hold WORKDIR/evolq.lock for the block; a ValueError if another process holds it."""
+  """Hold WORKDIR/evolq.lock for the block; InUse (a ValueError) if another process
+  holds it."""
   path = os.path.join(workdir, LOCK)
   while True:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -64,7 +69,7 @@ def lock(workdir: str):
     except BlockingIOError:
       holder = _holder(fd) or "a process"
       os.close(fd)
-      raise ValueError(f"--workdir {workdir!r} is in use by another evolq run ({holder}): wait "
+      raise InUse(f"--workdir {workdir!r} is in use by another evolq run ({holder}): wait "
                        "for it to finish, or choose another --workdir (one run per folder).") \
           from None
     try:  # the last holder may have removed the file between our open and flock

@@ -67,6 +67,9 @@ def test_accuracy_grid_records_every_field_and_resumes(tmp_path, monkeypatch):
   (cell,) = cells.iterdir()
   assert cell.name.startswith("W4A8_evolq-infonce_s0_")
   assert sorted(int(d) for d in os.listdir(cell / "checkpoints") if d.isdigit())[-1] == 3
+  run = json.loads((cell / "run.json").read_text())  # a run folder like the CLI's
+  assert run["command"] == "search" and run["config"]["search"]["strategy"] == "evolq"
+  assert run["config"]["start"] == "reference"
   from evolq_jax import workdir
   with workdir.lock(str(cell)):  # another grid process runs the cell: skipped, not run twice
     assert _grid_here(tmp_path, monkeypatch, "--resume") == 0
