@@ -14,8 +14,8 @@ already there with the same budget, so a killed grid continues. A running
 search checkpoints after every unit under --workdir (default
 runs/accuracy/NAME, one folder per cell and config, opened as any run folder
 is: locked, its identity in run.json), so --resume also continues a killed
-cell where it stopped, and a cell another process runs is skipped; its record then lists the parts and
-the commits that ran them (extra.resumed). Runs that another --resume process
+cell where it stopped, and a cell another process runs is skipped; its record
+then lists the parts and the commits that ran them (extra.resumed). Runs that another --resume process
 wrote to the same JSON meanwhile are kept. --report
 rewrites the tables and plots from the JSON alone (--merge adds the runs
 of other result files, e.g. a grid split over machines by --settings/--name). The same script runs on an

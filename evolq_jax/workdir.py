@@ -70,7 +70,7 @@ def lock(workdir: str):
       holder = _holder(fd) or "a process"
       os.close(fd)
       raise InUse(f"--workdir {workdir!r} is in use by another evolq run ({holder}): wait "
-                       "for it to finish, or choose another --workdir (one run per folder).") \
+                  "for it to finish, or choose another --workdir (one run per folder).") \
           from None
     try:  # the last holder may have removed the file between our open and flock
       same = os.fstat(fd).st_ino == os.stat(path).st_ino

@@ -46,8 +46,8 @@ def model_for(cfg, mode: str = "fp", quant: Optional[QuantConfig] = None,
                     named_ops=named_ops)
 
 
-# LLVM without optimization: the init program runs once, and its compile is 3-5x
-# faster so (10 s -> 2 s for a small LeViT on a CPU). Some initializers' values then
+# LLVM without optimization: the init program runs once, and compiles 3-5x faster
+# so (10 s -> 2 s for a small LeViT on a CPU). Some initializers' values then
 # differ by one float32 ulp from an optimized build (fused multiply-adds); random
 # weights mean nothing at that level. Never for programs whose numbers matter.
 _RUN_ONCE = {"xla_backend_optimization_level": 0}
