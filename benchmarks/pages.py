@@ -75,8 +75,8 @@ def _grid_row(name: str, setting: str, label: str) -> str:
             if not m.startswith(("init-", "evolq-infonce")) and m != "clip-ratio"}
   best = max(others, key=lambda m: np.mean(others[m]))
   return (f"| {label} | {setting} | {grid['fp_top1']:.2f} | "
-          f"{_cell(by['init-reference'], seeds=False)} | {_cell(by['evolq-infonce'])} | {best}: {_cell(others[best])} | "
-          f"[{name}](docs/results/{name}.md) |")
+          f"{_cell(by['init-reference'], seeds=False)} | {_cell(by['evolq-infonce'])} | "
+          f"{best}: {_cell(others[best])} | [{name}](docs/results/{name}.md) |")
 
 
 def headline() -> str:

@@ -176,8 +176,8 @@ def search(cfg, qcfg: QuantConfig, params, qparams, images, scfg: SearchConfig,
   if resume and workdir:
     restored = ckpt.restore(workdir, qparams)
     if restored is not None:
-      run.qparams, run.selected, state = restored
-      run.state = EngineState.from_json(state)
+      run.qparams, run.selected, saved = restored
+      run.state = EngineState.from_json(saved)
   state = run.state
   if state.fitness_init is None:
     state.fitness_init = calibration_fitness(cfg, qcfg, params, run.qparams, images, fp_ref,
