@@ -120,3 +120,57 @@ def tiny_config(family: str):
                                                          (1, 5, 2, 6, 24, 40))),
   }[family]
   return dataclasses.replace(base, name=f"{family}_tiny_test", num_classes=10, **sizes)
+
+
+# The one finished tiny `evolq search` of the bundled fixture (W3A8) that the
+# tests of a finished run read: its outputs and --resume (test_pipeline), export
+# (test_export), kills and corrupt checkpoints (test_faults, whose killed runs
+# use these settings and must end equal to it).
+FIXTURE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "configs", "fixture_w3a8.py")
+FIXTURE_RUN_SETS = ["calib.num_images=100", "eval.limit=100", "eval.batch_size=100",
+                    "search.passes=1", "search.generations=1", "search.children=2",
+                    "search.loss_batch=50", "holdout.num_images=30",
+                    "search.units=(-4,-3,-2,-1)"]  # 4 of the 6 units: fewer compiles
+
+
+def _network_refused(mp) -> list:
+  """Every way out to the network raises and is recorded; -> the list of attempts."""
+  import socket
+  attempts = []
+
+  def refuse(*args, **kw):
+    attempts.append(repr(args[:3]))
+    raise OSError("the network is blocked in this test")
+
+  for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"),
+                      (socket, "create_connection"), (socket, "getaddrinfo")):
+    mp.setattr(owner, name, refuse)
+  return attempts
+
+
+@pytest.fixture(scope="session")
+def fixture_run(tmp_path_factory):
+  """-> (workdir, its stdout) of the shared finished run, built once per test
+  session: under xdist the first worker to ask builds it under a lock in the
+  session's base folder, the other waits and reads it. Tests copy it before
+  they change anything. Built with the network blocked: a run needs none."""
+  import contextlib
+  import fcntl
+  import io
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir, out_file = root / "fixture_run", root / "fixture_run.stdout"
+  with open(root / "fixture_run.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not out_file.exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      from evolq_jax.cli import main
+      out = io.StringIO()
+      with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        attempts = _network_refused(mp)
+        rc = main(["search", "--config", FIXTURE_CONFIG, "--workdir", str(workdir)]
+                  + sum((["--set", s] for s in FIXTURE_RUN_SETS), []))
+      assert rc == 0 and attempts == [], (rc, attempts)
+      out_file.write_text(out.getvalue())
+  return workdir, out_file.read_text()

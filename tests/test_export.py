@@ -5,6 +5,7 @@ fake-quant model, the jax.export artifact in a process without evolq_jax, and
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -225,13 +226,9 @@ def test_artifact_runs_without_evolq_jax(fixture, tmp_path):
   assert np.max(np.abs(out - il)) <= 3.01 * float(export.arrays["acts/head_out/scale"])
 
 
-def test_evolq_export_on_a_tiny_search_run(tmp_path, capsys):
+def test_evolq_export_on_a_tiny_search_run(fixture_run, tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  sets = ["calib.num_images=100", "eval.limit=100", "eval.batch_size=100", "search.passes=1",
-          "search.generations=1", "search.children=1", "search.pool=2", "search.tournament=2",
-          "search.units=(-1,)"]
-  assert main(["search", "--config", "configs/fixture_w3a8.py", "--workdir", workdir]
-              + sum([["--set", s] for s in sets], [])) == 0
+  shutil.copytree(fixture_run[0], workdir)  # the shared finished run (conftest)
   assert main(["export", "--workdir", workdir]) == 0
   out = capsys.readouterr().out
   for name in ("model_int.safetensors", "model_int.json", "model_int.stablehlo"):

@@ -4,8 +4,9 @@ during calibration, mid-block and during a checkpoint write, each followed by
 
 Kills are a real SIGKILL of a child process (during calibration) or, as in
 tests/test_search.py, a KeyboardInterrupt raised in this process at the chosen
-point. Budgets are tiny: 1 pass x 1 generation x 2 children, 100 calibration
-images, 200 test images. Data are the bundled fixture or folders written here.
+point. Budgets are tiny (conftest.FIXTURE_RUN_SETS): 1 pass x 1 generation x 2
+children, 100 calibration images, 100 test images. Data are the bundled fixture or
+folders written here.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import FIXTURE_CONFIG, FIXTURE_RUN_SETS, _network_refused
 from PIL import Image
 
 from evolq_jax import pipeline
@@ -31,10 +32,8 @@ from evolq_jax.models import get_preset
 from evolq_jax.search import engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURE = os.path.join(REPO, "configs", "fixture_w3a8.py")
 BUNDLED = os.path.join(REPO, "evolq_jax", "data", "bundled")
-TINY = ["calib.num_images=100", "eval.limit=200", "search.passes=1", "search.generations=1",
-        "search.children=2", "search.units=(-4,-3,-2,-1)"]  # 4 of the 6 units: fewer compiles
+TINY = FIXTURE_RUN_SETS  # the shared run's settings: a resumed kill must equal it
 LOCK = "evolq.lock"
 
 
@@ -42,7 +41,7 @@ def _sets(items):
   return sum((["--set", s] for s in items), [])
 
 
-def _cli(command, workdir, *extra, sets=(), config=FIXTURE):
+def _cli(command, workdir, *extra, sets=(), config=FIXTURE_CONFIG):
   return main([command, "--config", config, "--workdir", str(workdir), *extra]
               + _sets(TINY + list(sets)))
 
@@ -78,35 +77,16 @@ def _errors(err: str, command="eval") -> list:
   return [line for line in err.splitlines() if line.startswith(f"evolq {command}: error:")]
 
 
-def _block_network(mp):
-  """Every way out to the network raises and is recorded; -> the list of attempts."""
-  attempts = []
-
-  def refuse(*args, **kw):
-    attempts.append(repr(args[:3]))
-    raise OSError("the network is blocked in this test")
-
-  mp.setattr(socket.socket, "connect", refuse)
-  mp.setattr(socket.socket, "connect_ex", refuse)
-  mp.setattr(socket, "create_connection", refuse)
-  mp.setattr(socket, "getaddrinfo", refuse)
-  return attempts
-
-
 @pytest.fixture
 def no_network(monkeypatch):
-  return _block_network(monkeypatch)
+  return _network_refused(monkeypatch)
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-  """One uninterrupted tiny W3A8 search (network blocked): the run every kill must equal."""
-  workdir = tmp_path_factory.mktemp("reference")
-  with pytest.MonkeyPatch.context() as mp:
-    attempts = _block_network(mp)
-    assert _cli("search", workdir) == 0
-  assert attempts == []
-  return workdir
+def reference(fixture_run):
+  """The uninterrupted tiny W3A8 search (conftest.fixture_run, built with the network
+  blocked): the run every kill must equal."""
+  return fixture_run[0]
 
 
 def _image_folder(root, splits: dict, fmt="PNG", size=8):
@@ -124,7 +104,7 @@ TEN = [f"c{i}" for i in range(10)]
 
 
 def _folder_config(root, *extra):
-  return apply_overrides(load_config(FIXTURE), [
+  return apply_overrides(load_config(FIXTURE_CONFIG), [
       "data.source='image_folder'", f"data.dir='{root}'", "calib.num_images=10",
       "calib.batch_size=10", *extra])
 
@@ -172,7 +152,7 @@ def _search_process(workdir, calibrate: str):
             "p.calibrate = calibrate\n"
             "from evolq_jax.cli import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
-  proc = subprocess.Popen([sys.executable, "-c", script, "search", "--config", FIXTURE,
+  proc = subprocess.Popen([sys.executable, "-c", script, "search", "--config", FIXTURE_CONFIG,
                            "--workdir", str(workdir)] + _sets(TINY), cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return proc, proc.communicate(timeout=300)[1]
@@ -229,7 +209,7 @@ def test_3_nothing_connects_and_an_unprepared_tfds_dataset_says_how_to_prepare(
 # ---------------------------------------------------------------- 4. config arguments
 
 def test_4_a_config_that_takes_no_argument_refuses_one(tmp_path, capsys):
-  assert _cli("eval", tmp_path / "w", config=FIXTURE + ":W9A8") == 2
+  assert _cli("eval", tmp_path / "w", config=FIXTURE_CONFIG + ":W9A8") == 2
   err = _errors(capsys.readouterr().err)
   assert len(err) == 1 and "takes no argument" in err[0] and "':W9A8'" in err[0]
   assert not (tmp_path / "w").exists()
@@ -273,10 +253,11 @@ def test_5_image_folder_labels_follow_the_train_classes(tmp_path):
 def test_5b_set_takes_several_pairs_and_printed_figures_are_rounded():
   from evolq_jax.cli import build_parser
   from evolq_jax.evaluate import percent
-  args = build_parser().parse_args(["search", "--config", FIXTURE, "--workdir", "w", "--set",
-                                    "quant.w_bits=4", "search.passes=2", "--set", "seed=1"])
+  args = build_parser().parse_args(["search", "--config", FIXTURE_CONFIG, "--workdir", "w",
+                                    "--set", "quant.w_bits=4", "search.passes=2", "--set",
+                                    "seed=1"])
   assert args.set == ["quant.w_bits=4", "search.passes=2", "seed=1"]
-  c = apply_overrides(load_config(FIXTURE), args.set)
+  c = apply_overrides(load_config(FIXTURE_CONFIG), args.set)
   assert (c.quant.w_bits, c.search.passes, c.seed) == (4, 2, 1)
   assert repr(percent(np.array([True] * 896 + [False] * 104))) == "89.6"
 
@@ -334,8 +315,8 @@ def test_7_workdir_data_checkpoint_and_loss_batch_are_checked_before_calibration
   err = _errors(capsys.readouterr().err, "search")
   assert len(err) == 1 and "holds no run to continue" in err[0], err
   assert not (tmp_path / "typo" / "run.json").exists()
-  assert main(["landscape", "--config", FIXTURE, "--workdir", str(tmp_path / "w8"), "--layer",
-               "qkv", "--test-limit", "-5"]) == 2
+  assert main(["landscape", "--config", FIXTURE_CONFIG, "--workdir", str(tmp_path / "w8"),
+               "--layer", "qkv", "--test-limit", "-5"]) == 2
   err = _errors(capsys.readouterr().err, "landscape")
   assert len(err) == 1 and "--test-limit -5" in err[0], err
 
@@ -367,7 +348,7 @@ def _truncated_jpeg(tmp_path):
   path = root / "train" / "c4" / "0.jpeg"
   path.write_bytes(path.read_bytes()[:300])
   return (["data.source='image_folder'", f"data.dir='{root}'", "calib.num_images=10",
-           "calib.batch_size=10", "eval.limit=0"], str(path), None)
+           "calib.batch_size=10", "holdout.num_images=0", "eval.limit=0"], str(path), None)
 
 
 def _config_folder(tmp_path):
@@ -381,7 +362,7 @@ def _config_folder(tmp_path):
 def test_8_corrupt_files_get_one_line_errors_naming_them(tmp_path, capsys, monkeypatch, make):
   _no_calibration(monkeypatch)
   sets, path, config = make(tmp_path)
-  assert _cli("eval", tmp_path / "w", sets=sets, config=config or FIXTURE) == 2
+  assert _cli("eval", tmp_path / "w", sets=sets, config=config or FIXTURE_CONFIG) == 2
   err = capsys.readouterr().err
   assert "Traceback" not in err
   lines = _errors(err)
@@ -478,34 +459,26 @@ def _score_then_die(score):
   return scoring
 
 
-def test_killed_mid_block_then_resumed_equals_uninterrupted(reference, tmp_path, capsys,
-                                                            monkeypatch):
+def test_killed_mid_block_then_in_a_checkpoint_write_then_resumed_equals_uninterrupted(
+    reference, tmp_path, capsys, monkeypatch):
+  """Two kills of one run, each resumed: in the third block searched (mid-block),
+  then, in the resumed run, while its first checkpoint's state is written."""
   workdir = tmp_path / "w"
   _dies_on_call(monkeypatch, engine, "population_scorer", 3, wrap=_score_then_die)
   assert _cli("search", workdir) == 130  # killed in the third block searched
   assert "interrupted; --resume continues" in capsys.readouterr().err
   assert _steps(workdir) == [1, 2] and not (workdir / LOCK).exists()
   monkeypatch.undo()
-  assert _cli("search", workdir, "--resume") == 0
-  assert _result(workdir) == _result(reference)
-
-
-def test_killed_during_a_checkpoint_write_then_resumed_equals_uninterrupted(
-    reference, tmp_path, capsys, monkeypatch):
-  workdir = tmp_path / "w"
   real = ocp.JsonCheckpointHandler.async_save
-  calls = {"n": 0}
 
   async def dying(self, *args, **kw):  # the arrays are written, the state is not
-    calls["n"] += 1
-    if calls["n"] == 3:
-      raise KeyboardInterrupt
-    return await real(self, *args, **kw)
+    raise KeyboardInterrupt
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", dying)
-  assert _cli("search", workdir) == 130
+  assert _cli("search", workdir, "--resume") == 130
   left = os.listdir(workdir / "checkpoints")
   assert "3.orbax-checkpoint-tmp" in left and _steps(workdir) == [1, 2], left
   monkeypatch.undo()
+  assert ocp.JsonCheckpointHandler.async_save is real
   assert _cli("search", workdir, "--resume") == 0
   assert _result(workdir) == _result(reference)

@@ -1,9 +1,11 @@
 """Configs, the `evolq` command and clear errors for bad input."""
 import json
+import shutil
 
 import jax
 import numpy as np
 import pytest
+from conftest import FIXTURE_CONFIG, FIXTURE_RUN_SETS
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
@@ -113,32 +115,32 @@ def test_metrics_break_ties_as_argmax():
       100 * np.mean((top3 == labels[:, None]).any(-1)))
 
 
-def test_search_command_outputs_and_resume_guard(tmp_path, capsys):
-  args = ["search", "--config", "configs/fixture_w3a8.py", "--workdir", str(tmp_path)]
-  small = sum([["--set", s] for s in SMALL + ["search.passes=1", "search.generations=1",
-                                              "search.children=2", "search.loss_batch=20",
-                                              "holdout.num_images=30",
-                                              "search.units=(1,-1)"]], [])
-  assert main(args + small) == 0
-  s = json.loads((tmp_path / "summary.json").read_text())
+def test_search_command_outputs_and_resume_guard(fixture_run, tmp_path, capsys):
+  """The shared finished run (conftest.fixture_run: 4 of the 6 units, 1 pass of 2
+  children, 30 held-out images): its files, and a second run into its workdir."""
+  run, out = fixture_run
+  workdir = tmp_path / "w"
+  shutil.copytree(run, workdir)
+  s = json.loads((workdir / "summary.json").read_text())
   for key in ("fp_top1", "init_top1", "final_top1", "fitness_init", "fitness_final",
               "candidates_evaluated", "seconds", "strategy", "loss", "seed"):
     assert key in s
-  assert s["candidates_evaluated"] == 2 * (1 + 2) and s["fitness_final"] <= s["fitness_init"] + 1e-5
-  lines = (tmp_path / "history.jsonl").read_text().splitlines()
-  assert [json.loads(l)["unit"] for l in lines] == [5, 1]  # the last unit first
-  assert (tmp_path / "fitness.png").stat().st_size > 1000
+  assert s["candidates_evaluated"] == 4 * (1 + 2) and s["fitness_final"] <= s["fitness_init"] + 1e-5
+  lines = (workdir / "history.jsonl").read_text().splitlines()
+  assert [json.loads(l)["unit"] for l in lines] == [5, 4, 3, 2]  # the last unit first
+  assert (workdir / "fitness.png").stat().st_size > 1000
   assert s["holdout_images"] == 30 and [h["pass"] for h in s["holdout"]] == [0, 1]
   assert s["selected_pass"] in (0, 1) and "last_pass_top1" in s
   c = s["compile"]  # programs built or read from the (test run's) persistent cache
   assert set(c) == {"compilations", "cache_hits", "compile_seconds", "trace_seconds"}
   assert c["compilations"] + c["cache_hits"] > 0 and c["compile_seconds"] > 0
-  out = capsys.readouterr().out
   assert "Evol-Q (evolq, infonce)" in out and "held-out top-1 per pass" in out
-  assert main(args + small) == 2  # a second run into the same workdir needs --resume
+  args = ["search", "--config", FIXTURE_CONFIG, "--workdir", str(workdir)] + sum(
+      [["--set", x] for x in FIXTURE_RUN_SETS], [])
+  assert main(args) == 2  # a second run into the same workdir needs --resume
   assert "--resume" in capsys.readouterr().err
-  assert main(args + small + ["--resume"]) == 0
-  assert json.loads((tmp_path / "summary.json").read_text())["fitness_final"] == s["fitness_final"]
+  assert main(args + ["--resume"]) == 0
+  assert json.loads((workdir / "summary.json").read_text())["fitness_final"] == s["fitness_final"]
 
 
 def test_bundled_fixture_w8a8_stays_close_to_fp(tmp_path):

@@ -1,9 +1,9 @@
 """Swin Transformer: parity with timm on random (perturbed) weights, the
 converter (timm and original checkpoints, presets' shapes, safetensors), the
-FQ-ViT layout and quantized modes, the prefix forward, the search on a tiny
-instance, and `evolq search` end to end on generated images."""
+FQ-ViT layout and quantized modes, the prefix forward and the search on a tiny
+instance. `evolq search` end to end on a registered non-ViT preset and generated
+JPEGs is tests/test_levit.py's (the CLI is the same for every family)."""
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +12,14 @@ import pytest
 from flax import traverse_util
 
 from evolq_jax.calibrate import calibrate
-from evolq_jax.cli import main
 from evolq_jax.config import QuantConfig
 from evolq_jax.models import (calibration_stats, fp_logits, get_preset, load_params,
-                              quantized_logits, register_preset, units)
+                              quantized_logits, units)
 from evolq_jax.models.convert import expected_shapes, from_timm_state_dict, timm_to_flax_flat
 from evolq_jax.models.swin import act_rules, shift_mask
 from evolq_jax.quant.recipe import rule_for
 
-from conftest import import_timm, tiny_config
+from conftest import import_timm
 
 PRESETS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
            "swin_base_patch4_window7_224")
@@ -179,46 +178,3 @@ def test_swin_layout_and_quantized_forward(tiny):
   fp = jax.jit(lambda p, x: fp_logits(TINY, p, x))(params, x)
   assert bool(jnp.all(jnp.isfinite(q))) and 0 < float(jnp.abs(q - fp).max()) < float(
       jnp.abs(fp).max())
-
-
-# ------------------------------------------------------------------ the CLI --
-
-def _jpeg_folder(root, per_class=3, seed=0):
-  """Two of the model's 1,000 classes (classes.txt lists them all) hold small JPEGs."""
-  from PIL import Image
-  rng = np.random.default_rng(seed)
-  names = [f"class{i:04d}" for i in range(1000)]
-  root.mkdir()
-  (root / "classes.txt").write_text("\n".join(names) + "\n")
-  classes = (names[3], names[500])
-  for split in ("train", "validation"):
-    for cls in classes:
-      (root / split / cls).mkdir(parents=True)
-      for k in range(per_class):
-        img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8), "RGB")
-        img.save(root / split / cls / f"{k}.jpg", quality=90)
-
-
-def test_swin_search_cli_end_to_end(tmp_path, capsys):
-  """configs/imagenet.py on a small registered Swin (conftest.tiny_config, 1,000 classes;
-  random weights), W4A8, one pass of one child per unit over its last two units of 3, the
-  second a stage's first block with its patch merging, on 4 calibration and 2 test JPEGs."""
-  cfg = register_preset(dataclasses.replace(tiny_config("swin"), name="swin_cli_test",
-                                            num_classes=1000))
-  _jpeg_folder(tmp_path / "data")
-  rc = main(["search", "--config", f"configs/imagenet.py:{cfg.name},W4A8", "--workdir",
-             str(tmp_path / "run"), "--set", "checkpoint=random",
-             "--set", "data.source=image_folder", "--set", f"data.dir={tmp_path / 'data'}",
-             "--set", "calib.num_images=4", "--set", "calib.batch_size=2",
-             "--set", "eval.limit=2", "--set", "eval.batch_size=2",
-             "--set", "search.passes=1", "--set", "search.generations=1",
-             "--set", "search.children=1", "--set", "search.loss_batch=2",
-             "--set", "search.units=(-2,-1)"])
-  out = capsys.readouterr()
-  assert rc == 0, out.err
-  s = json.load(open(tmp_path / "run" / "summary.json"))
-  assert s["model"] == cfg.name and (s["w_bits"], s["a_bits"]) == (4, 8)
-  assert s["candidates_evaluated"] == 2 * 2  # per unit: its start and one child
-  history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["unit"] for h in history] == [2, 1]  # of 3 units, last first
-  assert np.isfinite(s["fitness_final"]) and s["fitness_final"] <= s["fitness_init"]

@@ -204,11 +204,19 @@ def _common_int(a, b):
 
 def integer_forward(closed_jaxpr):
   """-> (fn(images) -> logits running the program on integer kernels, counts)."""
+  with_consts, backend = integer_forward_of_consts(closed_jaxpr.jaxpr)
+  return (lambda images: with_consts(closed_jaxpr.consts, images)), backend
+
+
+def integer_forward_of_consts(jaxpr):
+  """-> (fn(consts, images) -> logits, counts): the program with its constants (the
+  export's integer weights and scales) as arguments, so that under jit they are
+  inputs, not literals: the compile does not fold them, and exports of the same
+  shapes share one compiled program (and its persistent-cache entry)."""
   backend = IntegerBackend()
 
-  def fn(images):
+  def fn(consts, images):
     backend.counts.update(integer=0, float=0)
     backend.floats.clear()
-    return IntegerBackend._real(walk(closed_jaxpr.jaxpr, closed_jaxpr.consts, [images],
-                                     backend)[0])
+    return IntegerBackend._real(walk(jaxpr, consts, [images], backend)[0])
   return fn, backend
