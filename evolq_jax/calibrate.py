@@ -96,13 +96,31 @@ def calibrate(cfg, qcfg: QuantConfig, params, images, batch_size: int = 100,
     states, acts = _fold_and_finalize(cfg, qcfg, params, states, batches[-1])
     bar.update(1)
   _check_finite(states)
-  qparams = QParams(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer,
-                                                    qcfg.weight_rules), acts=acts)
+  qparams = weights_for(params, qcfg, QParams(weights={}, acts=acts))
   bad = non_finite_paths(qparams)
   if bad:
     raise ValueError(f"calibration produced NaN/inf quantization parameters at {', '.join(bad[:6])}"
                      f"{' ...' if len(bad) > 6 else ''}: check the checkpoint's weights.")
   return qparams
+
+
+# The QuantConfig fields the activation half of `calibrate` reads; the weight half
+# reads w_bits, w_signed, w_observer and the per-layer widths.
+ACT_FIELDS = ("a_bits", "a_observer", "ptf", "log2_softmax", "prob_bits")
+
+
+def same_activations(a: QuantConfig, b: QuantConfig) -> bool:
+  """Whether two recipes calibrate the activations alike (see weights_for)."""
+  return all(getattr(a, k) == getattr(b, k) for k in ACT_FIELDS)
+
+
+def weights_for(params, qcfg: QuantConfig, qparams: QParams) -> QParams:
+  """`qparams` with its weights calibrated for `qcfg` (observer, bits, per-layer widths)
+  and its activations kept: what `calibrate` returns for `qcfg` when `qparams` came
+  from a recipe with the same activations (same_activations), without a second pass
+  over the calibration images."""
+  return qparams.replace(weights=calibrate_weights(params, qcfg.w_spec, qcfg.w_observer,
+                                                   qcfg.weight_rules))
 
 
 def _check_finite(states) -> None:

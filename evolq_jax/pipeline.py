@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from evolq_jax.calibrate import calibrate
+from evolq_jax.calibrate import calibrate, weights_for
 from evolq_jax.cache import enable_xla_cache
 from evolq_jax.compilation import CompileLog
 from evolq_jax.config import QuantConfig, mixed_bits_config, quant_config, search_config
@@ -26,7 +26,6 @@ from evolq_jax.models import fp_logits, get_preset, init_params, load_params, qu
 from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
-from evolq_jax.quant.weights import calibrate_weights
 from evolq_jax.search.bits import choose_bits
 from evolq_jax.search.fitness import reference_logits
 from evolq_jax.search.selection import check_rule
@@ -196,8 +195,7 @@ def _choose_bits(c, bcfg, cfg, qcfg, params, qparams, calib, progress):
   chosen = choose_bits(cfg, qcfg, bcfg, params, qparams.acts, images, fp_ref, seed=c.seed,
                        loss=scfg.loss, temperature=scfg.temperature, progress=progress)
   qcfg = dataclasses.replace(qcfg, layer_bits=chosen.rules(qcfg.w_bits))
-  weights = calibrate_weights(params, qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules)
-  return qcfg, qparams.replace(weights=weights), chosen
+  return qcfg, weights_for(params, qcfg, qparams), chosen
 
 
 def calibrate_on_split(c, cfg, qcfg, params, test_limit: int = 0, progress: bool = True):
