@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -34,6 +35,9 @@ def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
   monkeypatch.setattr(accuracy, "RESULTS", str(tmp_path))
   monkeypatch.setattr(common, "RESULTS", str(tmp_path))
   monkeypatch.setattr(common, "PAGES_DIR", str(tmp_path))
+  # the baselines' cache (the temp folder) of this test only: an earlier run's must not
+  # stand in for the calibration this test checks (nor make its time depend on it)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   real, visits = getattr(engine.search_block, "__wrapped__", engine.search_block), []
 
   def search_block(*a, **k):
