@@ -190,8 +190,11 @@ def test_ptf_exponents_and_clear_errors(fixture, tmp_path):
   with pytest.raises(ValueError, match="version 99: this evolq_jax reads"):
     load_export(path)
   export.manifest["schema_version"] = SCHEMA_VERSION
-  with pytest.raises(ValueError, match=r"do not fit the exported model: expected \(batch, 28, 28, 1\)"):
+  misfit = r"do not fit the exported model: expected \(batch, 28, 28, 1\)"
+  with pytest.raises(ValueError, match=misfit):
     int_forward(export)[0](np.zeros((1, 32, 32, 1), np.float32))
+  with pytest.raises(ValueError, match=misfit):
+    int_logits(export, np.zeros((2, 32, 32, 1), np.float32))
 
 
 def test_integer_forward_covers_every_quantized_matmul(fixture):

@@ -17,6 +17,13 @@ from evolq_jax.integer.interpret import integer_forward, integer_forward_of_cons
 from evolq_jax.integer.model import trace
 
 
+def _check_images(images, shape) -> None:
+  if tuple(np.shape(images)[1:]) != tuple(shape[1:]):
+    raise ValueError(f"images of shape {tuple(np.shape(images))} do not fit the exported model: "
+                     f"expected (batch, {', '.join(map(str, shape[1:]))}) float32 NHWC, "
+                     "normalized by the model's transform.")
+
+
 def int_forward(export: IntExport, batch: int = 1):
   """-> (fn(images) -> logits, backend). The program is traced once at `batch`
   (the integer walk re-traces it for any other shape under jit); backend.counts
@@ -26,10 +33,7 @@ def int_forward(export: IntExport, batch: int = 1):
   shape = closed.jaxpr.invars[0].aval.shape
 
   def call(images):
-    if images.shape[1:] != shape[1:]:
-      raise ValueError(f"images of shape {tuple(images.shape)} do not fit the exported model: "
-                       f"expected (batch, {', '.join(map(str, shape[1:]))}) float32 NHWC, "
-                       "normalized by the model's transform.")
+    _check_images(images, shape)
     if images.shape[0] == shape[0]:
       return fn(images)
     return integer_forward(trace(export, images.shape[0]))[0](images)
@@ -43,6 +47,7 @@ def int_logits(export: IntExport, images, batch_size: int = 500) -> np.ndarray:
   reads the program from the persistent compilation cache instead of compiling."""
   n = min(batch_size, len(images))
   closed = trace(export, n)
+  _check_images(images, closed.jaxpr.invars[0].aval.shape)
   fn = jax.jit(integer_forward_of_consts(closed.jaxpr)[0])
   consts = [jax.numpy.asarray(c) for c in closed.consts]
   return batched_logits(lambda x: fn(consts, x), np.asarray(images, np.float32), n)
