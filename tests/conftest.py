@@ -105,6 +105,17 @@ def bundled_fixture(setting: str, calib_images: int):
   return cfg, quant_config(c), params, load_data(c, cfg)
 
 
+@pytest.fixture(scope="session")
+def fixture_acts():
+  """The bundled fixture (W8A8 recipe), its activations calibrated once on 100 images (they
+  do not depend on the weights' settings), and 500 test images:
+  -> (cfg, QuantConfig, params, acts, images). For test_export and test_onnx."""
+  from evolq_jax.calibrate import calibrate
+  cfg, qcfg, params, data = bundled_fixture("W8A8", 100)
+  acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
+  return cfg, qcfg, params, acts, data["test"][0][:500]
+
+
 def tiny_config(family: str):
   """A small random-weight preset of each registered family (shapes of the real
   layout, sizes a test can run in seconds). ViT, LeViT and EfficientNet have

@@ -1,5 +1,5 @@
 """Integer export: the file format (bit-exact round trip), the int8 kernels
-(exact), the integer ViT ("int" mode, walked on integer kernels) against the
+(exact), the integer ViT ("int" mode, walked on integer kernels) and ONNX Runtime against the
 fake-quant model, the jax.export artifact in a process without evolq_jax, and
 `evolq export` (integer and ONNX) on a search run."""
 import dataclasses
@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import bundled_fixture
 
-from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
 from evolq_jax.config import bits_config, quant_config
 from evolq_jax.export import (SCHEMA_VERSION, build_export, load_export, pack_codes,
@@ -32,11 +30,9 @@ N_TEST = 500  # benchmarks/export_size.py checks all 10,000
 
 
 @pytest.fixture(scope="module")
-def fixture():
-  """The bundled fixture, its activations calibrated once (they do not depend on w_bits)."""
-  cfg, qcfg, params, data = bundled_fixture("W8A8", 100)
-  acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
-  return cfg, qcfg, params, acts, data["test"][0][:N_TEST]
+def fixture(fixture_acts):
+  """The bundled fixture, its activations calibrated once (conftest.fixture_acts)."""
+  return fixture_acts
 
 
 def _setting(fixture, **kw):
@@ -65,10 +61,23 @@ def _check_parity(fq, il, export, min_agree, max_steps=8):
 
 
 @pytest.mark.parametrize("w_bits", [8, 4, 3])
-def test_integer_vit_matches_fake_quant(fixture, w_bits):
-  """The reference init (min/max uint weights + bias correction, PTF, uniform softmax)."""
+def test_integer_vit_and_onnx_runtime_match_fake_quant(fixture, w_bits):
+  """The reference init (min/max uint weights + bias correction, PTF, uniform softmax):
+  the integer forward and ONNX Runtime on the QDQ export, each against the same fake-quant
+  logits (500 test images here; benchmarks/deploy.py checks all 10,000)."""
   qcfg, qparams = _setting(fixture, w_bits=w_bits, bias_correction=True)
-  _check_parity(*_parity(fixture, qcfg, qparams), min_agree=0.995)
+  fq, il, export = _parity(fixture, qcfg, qparams)
+  _check_parity(fq, il, export, min_agree=0.995)
+  onnx = pytest.importorskip("onnx")
+  ort = pytest.importorskip("onnxruntime")
+  from evolq_jax.integer.to_onnx import export_onnx
+  model = export_onnx(export)
+  ol = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+      None, {"images": np.asarray(fixture[-1], np.float32)})[0]
+  assert np.mean(fq.argmax(-1) == ol.argmax(-1)) >= 0.996
+  if w_bits < 8:  # 8-bit asymmetric weights need uint8 with zero points, the slow path
+    types = {i.data_type for i in model.graph.initializer if i.name.startswith("w_q")}
+    assert types == {onnx.TensorProto.INT8}
 
 
 def test_log2_softmax_signed_weights_and_no_ptf(fixture):

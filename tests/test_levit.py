@@ -30,7 +30,7 @@ TINY_KW = dict(img_size=96, embed_dim=(32, 48, 64), key_dim=8, num_heads=(2, 3, 
 TINY = dataclasses.replace(get_preset("levit_128s"), name="levit_tiny_test", **TINY_KW)
 # min/max observers: OMSE's per-point search compiles slowly (the CLI test runs it)
 QCFG = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
-N, LB = 40, 20
+N = 40
 
 
 def _perturbed(state: dict, seed: int = 1) -> dict:
@@ -193,23 +193,14 @@ def test_search_units_picks_a_subset_and_names_bad_entries():
     SearchConfig(units="last")
 
 
-def test_levit_units_without_a_selected_layer_are_skipped(tiny):
-  """search.layers=("qkv",): the downsampling units (kv, q, proj) hold no qkv,
-  so the search skips them instead of failing midway; a held-out pick still
-  closes each pass on the first searched unit."""
-  from evolq_jax.search import search
+def test_levit_units_without_a_selected_layer_are_skipped():
+  """search.layers=("qkv",): the downsampling units (kv, q, proj) hold no qkv, so the
+  search skips them instead of failing midway (run: the CLI test below)."""
   from evolq_jax.search.space import SearchSpace
   assert SearchSpace(("qkv",)).searched_units(units(TINY)) == (0, 2, 4)
   assert SearchSpace().searched_units(units(TINY)) == (0, 1, 2, 3, 4)
   with pytest.raises(ValueError, match=r"\['fc1'\] name no layer"):
     SearchSpace(("fc1",)).searched_units(units(TINY))
-  params, x, qparams = tiny
-  scfg = SearchConfig(layers=("qkv",), passes=2, generations=1, children=1, loss_batch=LB)
-  labels = np.arange(len(x)) % 10
-  r = search(TINY, QCFG, params, qparams, x, scfg, seed=0, progress=False,
-             holdout=(x, labels))
-  assert [h["unit"] for h in r.history] == [4, 2, 0] * 2
-  assert [h["pass"] for h in r.holdout] == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------ CLI --
@@ -231,21 +222,23 @@ def _image_folder(root, per_class=2):
 
 def test_levit_search_command_end_to_end(tmp_path, capsys):
   """configs/imagenet.py on a small registered LeViT (conftest.tiny_config, 1,000 classes;
-  random weights), W4A8, on 4 generated JPEGs; two of its 4 units searched
-  (search.units), the downsampling one among them."""
+  random weights), W4A8, on generated JPEGs, with search.layers=("qkv",): the
+  downsampling unit (kv, q, proj) holds no qkv and is skipped, not a failure midway, and
+  the held-out pick still closes each of the two passes on the first searched unit."""
   cfg = register_preset(dataclasses.replace(tiny_config("levit"), name="levit_cli_test",
                                             num_classes=1000))
-  _image_folder(tmp_path / "data")
+  _image_folder(tmp_path / "data", per_class=4)
   sets = ["checkpoint=random", "data.source=image_folder", f"data.dir={tmp_path / 'data'}",
           "calib.num_images=4", "calib.batch_size=4", "eval.limit=4", "eval.batch_size=4",
-          "search.passes=1", "search.generations=1", "search.children=1", "search.loss_batch=4",
-          "search.units=(1,-1)"]
+          "holdout.num_images=4", "search.passes=2", "search.generations=1",
+          "search.children=1", "search.loss_batch=4", "search.layers=('qkv',)"]
   args = ["search", "--config", f"configs/imagenet.py:{cfg.name},W4A8", "--workdir",
           str(tmp_path / "run")]
   assert main(args + sum([["--set", s] for s in sets], [])) == 0, capsys.readouterr().err
   s = json.loads((tmp_path / "run" / "summary.json").read_text())
   assert s["model"] == cfg.name and (s["w_bits"], s["a_bits"]) == (4, 8)
-  assert s["candidates_evaluated"] == 2 * (1 + 1)  # 2 of the 4 units, 1 + 1 each
+  assert s["candidates_evaluated"] == 2 * 3 * (1 + 1)  # 2 passes over 3 of the 4 units
   assert s["fitness_final"] <= s["fitness_init"] + 1e-5
+  assert [h["pass"] for h in s["holdout"]] == [0, 1, 2] and s["holdout_images"] == 4
   history = [json.loads(l) for l in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-  assert [h["unit"] for h in history] == [3, 1]  # the last, then the downsampling unit
+  assert [h["unit"] for h in history] == [3, 2, 0] * 2  # last to first, unit 1 skipped
