@@ -82,9 +82,10 @@ def check_sizes(c, search: bool = False) -> None:
                      "level (0.05 by default; 1.0 = no test).")
   check_rule(c.holdout.rule)
   if n % b:
+    fits = sorted({n - n % b or b, n - n % b + b})  # the nearest multiples (one when n < b)
     raise ValueError(f"calib.num_images={n} is not a multiple of calib.batch_size={b}: "
-                     f"calibration would drop the last {n % b} images. Use {n - n % b or b} or "
-                     f"{n - n % b + b}, or a calib.batch_size that divides {n}.")
+                     f"calibration would drop the last {n % b} images. Use "
+                     f"{' or '.join(map(str, fits))}, or a calib.batch_size that divides {n}.")
   if search:
     lb = c.search.loss_batch
     if lb > n:

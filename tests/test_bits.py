@@ -113,7 +113,7 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
              "--set", "bits.w_budget=3.5", "--set", "bits.generations=2",
              "--set", "bits.popsize=4", "--set", "bits.pool=4", "--set", "bits.images=100",
              "--set", "bits.start='random'",  # no sensitivity table: 105 fewer scorings
-             "--set", "calib.num_images=100", "--set", "eval.limit=200",
+             "--set", "calib.num_images=100", "--set", "eval.limit=100",
              "--set", "search.passes=1", "--set", "search.generations=1",
              "--set", "search.units=(-1,)", "--set", "search.loss_batch=50"])
   assert rc == 0
@@ -131,6 +131,6 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
   export = build_export(cfg, qcfg, params, qparams)
   widths = {name: e["bits"] for name, e in export.manifest["weights"].items()}
   assert widths == bits["bits"] and len(set(widths.values())) > 1
-  images = load_data(c, cfg)["test"][0][:200]
+  images = load_data(c, cfg)["test"][0][:100]
   fq = np.asarray(quantized_logits(cfg, qcfg, params, qparams, images))
   assert np.mean(fq.argmax(-1) == int_logits(export, images).argmax(-1)) >= 0.98

@@ -5,7 +5,7 @@ during calibration, mid-block and during a checkpoint write, each followed by
 Kills are a real SIGKILL of a child process (during calibration) or, as in
 tests/test_search.py, a KeyboardInterrupt raised in this process at the chosen
 point. Budgets are tiny (conftest.FIXTURE_RUN_SETS): 1 pass x 1 generation x 2
-children, 100 calibration images, 100 test images. Data are the bundled fixture or
+children, 50 calibration images, 100 test images. Data are the bundled fixture or
 folders written here.
 """
 from __future__ import annotations
@@ -134,8 +134,8 @@ def test_1b_resume_takes_the_runs_own_config_and_sets_must_agree(reference, tmp_
   err = _errors(capsys.readouterr().err, "search")
   assert len(err) == 1 and "quant.w_bits (3 -> 4)" in err[0], err
   # one that only changes speed is taken; the finished run is the same run
-  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "eval.batch_size=100",
-               "calib.batch_size=100"]) == 0
+  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "eval.batch_size=50",
+               "calib.batch_size=50"]) == 0
   after = json.loads((workdir / "summary.json").read_text())
   for key in ("final_top1", "fitness_final", "candidates_evaluated", "init_top1"):
     assert after[key] == before[key], key
@@ -276,7 +276,9 @@ def test_6_sizes_are_checked_before_any_work_and_reported_as_used(tmp_path, caps
   _no_calibration(monkeypatch)
   for i, (bad, field) in enumerate([
       ("calib.num_images=-5", "calib.num_images=-5"), ("eval.limit=-1", "eval.limit=-1"),
-      ("calib.num_images=150", "not a multiple of calib.batch_size=100"),
+      ("calib.num_images=70", "not a multiple of calib.batch_size=50: calibration would "
+       "drop the last 20 images. Use 50 or 100,"),
+      ("calib.num_images=30", "drop the last 30 images. Use 50,"),
       ("eval.limit=20000", "eval.limit=20000"), ("calib.num_images=5000", "calib.num_images=5000"),
       ("eval.batch_size=0", "eval.batch_size=0")]):
     assert _cli("eval", tmp_path / f"w{i}", sets=[bad]) == 2, bad
