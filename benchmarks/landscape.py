@@ -1,12 +1,12 @@
 """Is the attention layers' loss landscape more jagged? 3 vs 8 bits, infoNCE vs MSE.
 
   python benchmarks/landscape.py [--configs configs/fixture_w3a8.py configs/fixture_w8a8.py]
-      [--block B] [--seeds 0 1 2] [--channels 0] [--points 41] [--span 0.1]
+      [--unit U] [--seeds 0 1 2] [--channels 0] [--points 41] [--span 0.1]
       [--grid-points 15] [--calib 500] [--test-limit 1000]
   ->  benchmarks/results/landscape.json (+ docs/results/landscape.md), landscape_lines.png,
       landscape_roughness.png, landscape_2d_<setting>_<layer>.png
 
-Each layer (qkv, proj, fc1, fc2) of one block is perturbed along 1D lines:
+Each layer (qkv, proj, fc1, fc2) of one unit (a block) is perturbed along 1D lines:
 random directions (one per seed; a = typical relative change of a channel's
 scale) and basis directions (one output channel's scale). Both losses come from
 one forward of each line. Roughness (evolq_jax.landscape.roughness): mean
@@ -24,7 +24,7 @@ import numpy as np
 from common import RESULTS, git_commit, write_results
 
 from evolq_jax.config import apply_overrides, load_config, quant_config
-from evolq_jax.landscape import landscape, plot_landscape, roughness
+from evolq_jax.landscape import landscape, plot_landscape, roughness, unit_of
 from evolq_jax.pipeline import calibrate_on_split, load_model
 from evolq_jax.search.fitness import reference_logits
 
@@ -42,9 +42,8 @@ def run(args):
     calib_x, test, qparams = calibrate_on_split(c, cfg, qcfg, params, args.test_limit,
                                                 progress=False)
     fp_ref = reference_logits(cfg, params, calib_x)
-    block = cfg.depth - 1 if args.block is None else args.block
     meta.append({"config": spec, "setting": qcfg.name, "overrides": [f"calib.num_images={args.calib}"]})
-    common = {"block": block, "points": args.points, "span": args.span, "loss": LOSSES,
+    common = {"unit": args.unit, "points": args.points, "span": args.span, "loss": LOSSES,
               "temperature": c.search.temperature, "loss_batch": c.search.loss_batch,
               "fp_ref": fp_ref}
     dirs = [("random", s, None) for s in args.seeds] + [("basis", 0, (ch,)) for ch in args.channels]
@@ -125,8 +124,8 @@ def page(payload: dict) -> str:
   args = argparse.Namespace(**payload["args"])
   lines, grids, rows = payload["lines"], payload["grids"], payload["summary"]
   seconds, commit = payload["seconds"], payload["git_commit"]
-  out = ["# Loss landscape of one block's weight scales (fixture)", "",
-         (f"git commit `{commit}`; block {lines[0]['block']} of "
+  out = ["# Loss landscape of one unit's weight scales (fixture)", "",
+         (f"git commit `{commit}`; unit {unit_of(lines[0])} of "
          f"{lines[0]['model']}; {lines[0]['calib_images']} calibration images; 1D lines of "
          f"{args.points} points over a in [-{args.span}, {args.span}] (scale x (1 + a d)); "
          f"random directions: seeds {args.seeds}; basis directions: output channel(s) "
@@ -219,7 +218,7 @@ def plot_lines(lines, path):
         ax.set_ylabel("infoNCE - infoNCE(a=0)", fontsize=7, color="C0")
       if i == len(settings) - 1:
         ax.set_xlabel("a", fontsize=8)
-  fig.suptitle(f"block {lines[0]['block']}: calibration infoNCE (blue) and test top-1 % "
+  fig.suptitle(f"unit {unit_of(lines[0])}: calibration infoNCE (blue) and test top-1 % "
                "(orange) along a random direction", fontsize=9)
   fig.tight_layout()
   fig.savefig(path)
@@ -251,7 +250,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--configs", nargs="+",
                   default=["configs/fixture_w3a8.py", "configs/fixture_w8a8.py"])
-  ap.add_argument("--block", type=int, default=None, help="default: the last block")
+  ap.add_argument("--unit", type=int, default=None, help="default: the last unit")
+  ap.add_argument("--block", type=int, dest="unit", help=argparse.SUPPRESS)  # the old name
   ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   ap.add_argument("--channels", nargs="*", type=int, default=[0])
   ap.add_argument("--points", type=int, default=41)

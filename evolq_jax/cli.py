@@ -151,7 +151,7 @@ def cmd_landscape(args):
   r = run_landscape(c, args.workdir, args.layer, args.unit, args.dims, args.direction,
                     args.points, args.span, args.test_limit, args.channel)
   rough = r["roughness"]
-  print(f"{r['model']} {r['setting']}: unit {r['block']} {r['layer']}, {r['direction']} "
+  print(f"{r['model']} {r['setting']}: unit {r['unit']} {r['layer']}, {r['direction']} "
         f"direction(s), {r['points']}{'x' + str(r['points']) if r['dims'] == 2 else ''} points, "
         f"a in [-{r['span']}, {r['span']}]")
   print(f"calibration {r['loss_name']}: {min(_flat(r['loss'])):.5f} .. {max(_flat(r['loss'])):.5f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,23 +32,23 @@ DIRECTIONS = ("random", "basis")
 MIN_FACTOR = 1e-2  # a scale must stay positive: factors 1 + a*d are floored here
 
 
-def check_target(cfg, layer: str, block: int | None) -> int:
+def check_target(cfg, layer: str, unit: int | None) -> int:
   """Validate the unit index and the layer name; -> the unit (None: the last one)."""
   us = units(cfg)
-  block = len(us) - 1 if block is None else block
-  if not 0 <= block < len(us):
-    raise ValueError(f"unit {block} is out of range: model {cfg.name!r} has searchable units "
+  unit = len(us) - 1 if unit is None else unit
+  if not 0 <= unit < len(us):
+    raise ValueError(f"unit {unit} is out of range: model {cfg.name!r} has searchable units "
                      f"0..{len(us) - 1}.")
-  names = [l.name for l in us[block].layers]
+  names = [l.name for l in us[unit].layers]
   if layer not in names:
-    raise ValueError(f"layer {layer!r} is unknown in unit {block} of {cfg.name!r}: expected one "
+    raise ValueError(f"layer {layer!r} is unknown in unit {unit} of {cfg.name!r}: expected one "
                      f"of {names}.")
-  return block
+  return unit
 
 
-def layer_channels(cfg, params, layer: str, block: int) -> int:
+def layer_channels(cfg, params, layer: str, unit: int) -> int:
   """Output channels of one unit's layer (the length of its scale vector)."""
-  path = next(l.path for l in units(cfg)[block].layers if l.name == layer)
+  path = next(l.path for l in units(cfg)[unit].layers if l.name == layer)
   for k in path:
     params = params[k]
   return params["kernel"].shape[-1]
@@ -107,34 +108,35 @@ def grid_population(scales, dirs, alphas):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _population_logits(cfg, qcfg, block, layout, chunk, population, params, fq_params, qparams,
+def _population_logits(cfg, qcfg, unit, layout, chunk, population, params, fq_params, qparams,
                        tokens):
   """Logits (P, N, classes) of every candidate on cached prefix tokens (N, ...)."""
   def one(vec):
-    return fitness.candidate_forward(cfg, qcfg, block, layout, vec, params, fq_params,
+    return fitness.candidate_forward(cfg, qcfg, unit, layout, vec, params, fq_params,
                                      qparams)(tokens)
 
   p = population.shape[0]
   return jax.lax.map(one, population, batch_size=min(chunk, p) if chunk > 0 else p)
 
 
-def population_logits(cfg, qcfg, block, layout, population, params, qparams, images,
+def population_logits(cfg, qcfg, unit, layout, population, params, qparams, images,
                       chunk: int = 16, batch_size: int = 250) -> np.ndarray:
   """Logits (P, N, classes) of each candidate, images in batches of `batch_size`."""
   fq = quantize_params(qcfg, params, qparams)
   batch_size = min(batch_size, len(images))
 
   def logits(x):
-    tokens = fitness.prefix_activations(cfg, qcfg, params, qparams, x, block, batch_size)
-    return _population_logits(cfg, qcfg, block, layout, chunk, population, params, fq, qparams,
+    tokens = fitness.prefix_activations(cfg, qcfg, params, qparams, x, unit, batch_size)
+    return _population_logits(cfg, qcfg, unit, layout, chunk, population, params, fq, qparams,
                               tokens)
   return batched(logits, np.asarray(images), batch_size, axis=1)
 
 
-def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int | None = None,
+def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, unit: int | None = None,
               dims: int = 1, direction: str = "random", points: int = 41, span: float = 0.1,
               loss="infonce", temperature: float = 3.0, loss_batch: int = 100,
-              chunk: int = 16, test=None, seed: int = 0, channels=None, fp_ref=None) -> dict:
+              chunk: int = 16, test=None, seed: int = 0, channels=None, fp_ref=None,
+              block: int | None = None) -> dict:
   """Calibration loss (and test top-1 with `test=(images, labels)`) on a grid.
 
   The grid spans relative perturbations a in [-span, span] (`points` values per
@@ -143,9 +145,14 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
   the main one). `fp_ref`: the calibration set's FP logits, if already computed.
   Returns a JSON-ready dict: alphas, loss ((points,) or (points, points)),
   top1 (same shape, or None), loss_at_zero, roughness, `losses` and
-  `roughness_by_loss` (every loss), and the settings.
+  `roughness_by_loss` (every loss), and the settings. `block`: the old name of `unit`
+  (warns).
   """
-  block = check_target(cfg, layer, block)
+  if block is not None:
+    warnings.warn("landscape(block=...) is now landscape(unit=...)", DeprecationWarning,
+                  stacklevel=2)
+    unit = block if unit is None else unit
+  unit = check_target(cfg, layer, unit)
   check_grid(direction, dims, points, span, channels)
   names = (loss,) if isinstance(loss, str) else tuple(loss)
   for name in names:
@@ -153,7 +160,7 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
   if len(calib_images) < loss_batch:
     raise ValueError(f"{len(calib_images)} calibration images are fewer than one loss batch "
                      f"of {loss_batch}.")
-  scales, layout = unit_scales(qparams, units(cfg)[block], SearchSpace((layer,)))
+  scales, layout = unit_scales(qparams, units(cfg)[unit], SearchSpace((layer,)))
   dirs = make_directions(direction, scales.shape[0], dims, jax.random.key(seed), channels)
   alphas = np.linspace(-span, span, points)
   population, _ = grid_population(scales, dirs, alphas)
@@ -162,13 +169,13 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
     fp_ref = fitness.reference_logits(cfg, params, calib_images)
   shape = (points,) * dims
   if len(names) == 1:
-    tokens = fitness.prefix_activations(cfg, qcfg, params, qparams, calib_images, block)
+    tokens = fitness.prefix_activations(cfg, qcfg, params, qparams, calib_images, unit)
     fq = quantize_params(qcfg, params, qparams)
     grids = {names[0]: fitness.population_fitness(
-        cfg, qcfg, block, layout, names[0], temperature, loss_batch, chunk, population, params,
+        cfg, qcfg, unit, layout, names[0], temperature, loss_batch, chunk, population, params,
         fq, qparams, tokens, fp_ref)}
   else:
-    q = jnp.asarray(population_logits(cfg, qcfg, block, layout, population, params, qparams,
+    q = jnp.asarray(population_logits(cfg, qcfg, unit, layout, population, params, qparams,
                                       calib_images, chunk))
     grids = {n: jax.vmap(lambda x, n=n: batched_loss(n, x, fp_ref, loss_batch, temperature))(q)
              for n in names}
@@ -176,13 +183,13 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
   losses = grids[names[0]]
   top1 = None
   if test is not None:
-    logits = population_logits(cfg, qcfg, block, layout, population, params, qparams, test[0],
+    logits = population_logits(cfg, qcfg, unit, layout, population, params, qparams, test[0],
                                chunk)
     top1 = (100.0 * np.mean(logits.argmax(-1) == np.asarray(test[1])[None], 1)).reshape(shape)
   mid = (points - 1) // 2 if points % 2 else None  # alpha = 0 is a grid point for odd counts
   return {
       "model": cfg.name, "setting": qcfg.name, "w_bits": qcfg.w_bits, "a_bits": qcfg.a_bits,
-      "layer": layer, "block": block, "dims": dims, "direction": direction, "seed": seed,
+      "layer": layer, "unit": unit, "dims": dims, "direction": direction, "seed": seed,
       "channels": None if direction == "random" else [int(c) for c in np.argmax(dirs, 1)],
       "span": span, "points": points, "loss_name": names[0], "temperature": temperature,
       "calib_images": len(calib_images), "test_images": None if test is None else len(test[1]),
@@ -194,6 +201,11 @@ def landscape(cfg, qcfg, params, qparams, calib_images, layer: str, block: int |
       "losses": {n: g.tolist() for n, g in grids.items()},
       "roughness_by_loss": {n: roughness(g) for n, g in grids.items()},
   }
+
+
+def unit_of(record: dict) -> int:
+  """The unit of a landscape record; records written before the rename say "block"."""
+  return record["unit"] if "unit" in record else record["block"]
 
 
 def roughness(loss) -> dict:
@@ -228,7 +240,7 @@ def plot_landscape(result: dict, path: str, title: str | None = None) -> str:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   r = result
-  title = title or (f"{r['model']} {r['setting']}: block {r['block']} {r['layer']}, "
+  title = title or (f"{r['model']} {r['setting']}: unit {unit_of(r)} {r['layer']}, "
                     f"{r['direction']} direction{'s' if r['dims'] == 2 else ''}")
   a = np.asarray(r["alphas"])
   loss = np.asarray(r["loss"])

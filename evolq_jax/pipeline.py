@@ -215,7 +215,7 @@ def calibrate_on_split(c, cfg, qcfg, params, test_limit: int = 0, progress: bool
   return calib_x, test, calibrate(cfg, qcfg, params, calib_x, c.calib.batch_size, progress)
 
 
-def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: int = 1,
+def run_landscape(c, workdir: str, layer: str, unit: int | None = None, dims: int = 1,
                   direction: str = "random", points: int = 41, span: float = 0.1,
                   test_limit: int = 1000, channels=None, progress: bool = True) -> dict:
   """From a run config: calibrate (FQ-ViT init), then the landscape; writes PNG + JSON.
@@ -229,10 +229,11 @@ def run_landscape(c, workdir: str, layer: str, block: int | None = None, dims: i
                      "the top-1; 0 = no accuracy).")
   qcfg, scfg = quant_config(c), search_config(c)
   cfg, params = load_model(c)
-  b = ls.check_target(cfg, layer, block)  # fail before the slow steps
-  ls.check_grid(direction, dims, points, span, channels, ls.layer_channels(cfg, params, layer, b))
+  unit = ls.check_target(cfg, layer, unit)  # fail before the slow steps
+  ls.check_grid(direction, dims, points, span, channels,
+                ls.layer_channels(cfg, params, layer, unit))
   calib_x, test, qparams = calibrate_on_split(c, cfg, qcfg, params, test_limit, progress)
-  result = ls.landscape(cfg, qcfg, params, qparams, calib_x, layer, block, dims, direction,
+  result = ls.landscape(cfg, qcfg, params, qparams, calib_x, layer, unit, dims, direction,
                         points, span, scfg.loss, scfg.temperature, scfg.loss_batch,
                         scfg.chunk or 16, test, c.seed, channels)
   result["paths"] = ls.save_landscape(result, workdir)

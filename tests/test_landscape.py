@@ -44,11 +44,11 @@ def setup():
 # In float64 (as in test_search): float reassociation between the vmapped grid
 # and the full forward then cannot move weights across 3-bit rounding boundaries.
 def test_loss_at_zero_is_the_calibration_fitness_and_both_loss_paths_agree(setup):
-  layer, block = "qkv", 1  # block 1: from cached prefix tokens, not images
+  layer, unit = "qkv", 1  # unit 1: from cached prefix tokens, not images
   with jax.enable_x64(True):
     params, x, _y, qparams = _float64(setup)
     fp_ref = reference_logits(CFG, params, x)
-    kw = {"block": block, "points": 5, "span": 0.2, "loss_batch": LB, "chunk": 2, "fp_ref": fp_ref}
+    kw = {"unit": unit, "points": 5, "span": 0.2, "loss_batch": LB, "chunk": 2, "fp_ref": fp_ref}
     one = landscape(CFG, QCFG, params, qparams, x, layer, loss="infonce", **kw)
     both = landscape(CFG, QCFG, params, qparams, x, layer, loss=("infonce", "mse"), **kw)
     for loss in ("infonce", "mse"):
@@ -64,7 +64,7 @@ def test_loss_at_zero_is_the_calibration_fitness_and_both_loss_paths_agree(setup
 def test_top1_at_zero_is_the_quantized_models_top1(setup):
   with jax.enable_x64(True):
     params, x, y, qparams = _float64(setup)
-    r = landscape(CFG, QCFG, params, qparams, x, "proj", block=0, points=3, loss_batch=LB,
+    r = landscape(CFG, QCFG, params, qparams, x, "proj", unit=0, points=3, loss_batch=LB,
                   test=(x, y))
     want = 100 * np.mean(np.asarray(quantized_logits(CFG, QCFG, params, qparams, x)).argmax(-1)
                          == y)
@@ -102,7 +102,7 @@ def test_2d_grid_shapes_and_plot(setup, tmp_path):
                 test=(x[:10], y[:10]), loss=("infonce", "cosine"))
   assert np.shape(r["loss"]) == (5, 5) and np.shape(r["top1"]) == (5, 5)
   assert np.shape(r["losses"]["cosine"]) == (5, 5)
-  assert r["loss_at_zero"] == r["loss"][2][2] and r["block"] == CFG.depth - 1
+  assert r["loss_at_zero"] == r["loss"][2][2] and r["unit"] == CFG.depth - 1
   assert set(r["roughness"]) == {"second_difference", "jump", "local_minima", "range"}
   json.dumps(r)  # JSON-ready
   plot_landscape(r, str(tmp_path / "g.png"))
@@ -123,7 +123,7 @@ def test_roughness_separates_smooth_from_jagged():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"layer": "attn"}, "layer 'attn' is unknown"),
-    ({"layer": "qkv", "block": 2}, "unit 2 is out of range"),
+    ({"layer": "qkv", "unit": 2}, "unit 2 is out of range"),
     ({"layer": "qkv", "direction": "sideways"}, "direction 'sideways' is unknown"),
     ({"layer": "qkv", "dims": 3}, "dims=3"),
     ({"layer": "qkv", "direction": "basis", "channels": (999,)}, "channel 999 is out of range"),
@@ -134,6 +134,11 @@ def test_bad_arguments_give_clear_errors(setup, kwargs, message):
   params, x, _y, qparams = setup
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     landscape(CFG, QCFG, params, qparams, x, loss_batch=LB, **kwargs)
+  if "unit" in kwargs:  # the old keyword: the same check, and a warning that names the new one
+    with pytest.warns(DeprecationWarning, match=r"landscape\(unit=\.\.\.\)"), \
+         pytest.raises(ValueError, match=message):
+      landscape(CFG, QCFG, params, qparams, x, loss_batch=LB, layer="qkv",
+                block=kwargs["unit"])
 
 
 SMALL = ["calib.num_images=40", "calib.batch_size=20", "search.loss_batch=20"]
@@ -145,7 +150,7 @@ def test_command_writes_png_and_json(tmp_path, capsys):
             + functools.reduce(operator.iadd, [["--set", s] for s in SMALL], []))
   assert rc == 0
   r = json.loads((tmp_path / "landscape.json").read_text())
-  assert (r["layer"], r["block"], r["setting"], r["dims"]) == ("fc1", 5, "W3A8", 1)
+  assert (r["layer"], r["unit"], r["setting"], r["dims"]) == ("fc1", 5, "W3A8", 1)
   assert len(r["loss"]) == 5 and len(r["top1"]) == 5 and r["test_images"] == 50
   assert (tmp_path / "landscape.png").stat().st_size > 1000
   assert "roughness" in capsys.readouterr().out
