@@ -251,7 +251,6 @@ def main():
   ap.add_argument("--configs", nargs="+",
                   default=["configs/fixture_w3a8.py", "configs/fixture_w8a8.py"])
   ap.add_argument("--unit", type=int, default=None, help="default: the last unit")
-  ap.add_argument("--block", type=int, dest="unit", help=argparse.SUPPRESS)  # the old name
   ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
   ap.add_argument("--channels", nargs="*", type=int, default=[0])
   ap.add_argument("--points", type=int, default=41)

@@ -116,6 +116,17 @@ def fixture_acts():
   return cfg, qcfg, params, acts, data["test"][0][:500]
 
 
+def small_fixture_vit():
+  """The bundled fixture's ViT with 2 of its 6 blocks, registered as a preset (so that a
+  config or the CLI names it: model=NAME) -> its ModelConfig. For end-to-end runs that need
+  no trained weights (checkpoint='random'): each of their programs compiles a third of the
+  6-block model's code."""
+  import dataclasses
+  from evolq_jax.models import get_preset, register_preset
+  return register_preset(dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2,
+                                             name="vit_fixture_depth2_test"))
+
+
 def tiny_config(family: str):
   """A small random-weight preset of each registered family (shapes of the real
   layout, sizes a test can run in seconds). ViT, LeViT and EfficientNet have

@@ -1,5 +1,4 @@
 """The accuracy grid script end to end, on a tiny budget and untrained weights."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -7,11 +6,12 @@ import sys
 import tempfile
 
 import pytest
+from conftest import small_fixture_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a 2-block fixture ViT (registered in _grid_here): the grid's many programs (six recipes'
-# calibrations and evaluations, the search's) compile a third of the 6-block model's code
-GRID_MODEL = "vit_fixture_depth2_test"
+# the 2-block fixture ViT: the grid's many programs (six recipes' calibrations and
+# evaluations, the search's) are small
+GRID_MODEL = small_fixture_vit().name
 SMALL = ["checkpoint='random'", f"model='{GRID_MODEL}'", "calib.num_images=40",
          "calib.batch_size=20", "eval.limit=100", "eval.batch_size=50", "search.loss_batch=20"]
 FIELDS = ("setting", "method", "seed", "calibration_fitness", "test_top1", "test_top5",
@@ -32,9 +32,6 @@ def _script(tmp_path, *args):
 def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
   """The grid of _grid, run in this process -> the number of unit visits it
   searched. With `stop_after`, killed (KeyboardInterrupt) at the next visit."""
-  from evolq_jax.models import get_preset, register_preset
-  register_preset(dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2,
-                                      name=GRID_MODEL))
   monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
   import accuracy
   import common

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_fixture_vit
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
@@ -15,14 +16,14 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.export import build_export
 from evolq_jax.integer import int_logits
 from evolq_jax.losses import batched_loss
-from evolq_jax.models import get_preset, init_params, quantized_logits, register_preset
+from evolq_jax.models import init_params, quantized_logits
 from evolq_jax.qparams import QParams, load_qparams
 from evolq_jax.quant.bits import BitSpec
 from evolq_jax.quant.weights import calibrate_weights, quantize_kernel
 from evolq_jax.search.bits import BitsConfig, Problem, choose_bits, fake_quant_at
 from evolq_jax.search.fitness import reference_logits
 
-CFG = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=2)
+CFG = small_fixture_vit()  # the fixture ViT with 2 blocks, a registered preset
 N = 64
 
 
@@ -109,10 +110,9 @@ def test_bad_budgets_are_refused():
 
 
 def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
-  """`evolq search` with bits.w_budget on the 2-block fixture ViT (CFG, registered; random
-  weights): the widths it chose are the run's and its export's."""
-  register_preset(dataclasses.replace(CFG, name="vit_fixture_depth2_bits_test"))
-  model = ["--set", "model='vit_fixture_depth2_bits_test'", "--set", "checkpoint='random'"]
+  """`evolq search` with bits.w_budget on the 2-block fixture ViT (CFG; random weights):
+  the widths it chose are the run's and its export's."""
+  model = ["--set", f"model='{CFG.name}'", "--set", "checkpoint='random'"]
   rc = main(["search", "--config", "configs/fixture_w4a8.py", "--workdir", str(tmp_path), *model,
              "--set", "bits.w_budget=3.5", "--set", "bits.generations=2",
              "--set", "bits.popsize=4", "--set", "bits.pool=4", "--set", "bits.images=100",
@@ -127,7 +127,7 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
   assert dict(map(tuple, s["quant"]["layer_bits"]))  # the run quantized at those widths
   from evolq_jax.config import bits_config, quant_config
   from evolq_jax.pipeline import load_data, load_model
-  c = bits_config("W4A8", "vit_fixture_depth2_bits_test", checkpoint="random",
+  c = bits_config("W4A8", CFG.name, checkpoint="random",
                   **{"calib.num_images": 100})
   cfg, params = load_model(c)
   qcfg = dataclasses.replace(quant_config(c),
