@@ -13,8 +13,8 @@ from flax import traverse_util
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.export import build_export, load_export, save_export
-from evolq_jax.models import calibration_stats, init_params, quantize_params, quantized_logits
-from evolq_jax.models.forward import act_rules, units
+from evolq_jax.models import calibration_stats, init_params, quantize_params
+from evolq_jax.models.forward import act_rules, model_for, units
 from evolq_jax.models.segments import segments
 from evolq_jax.models.registry import FAMILIES
 from evolq_jax.quant.recipe import QuantConfig, reference_init, rule_for
@@ -35,17 +35,21 @@ def family(request):
 
 
 def test_prefix_then_suffix_is_the_full_forward(family):
-  """The prefix cache is exact: the activations entering unit b, run from b, give
-  the full forward's logits, at every unit."""
+  """The prefix cache is exact: the activations entering unit b (the search's per-unit
+  prefix program, which test_shared_programs_equal_the_full_forward compiles too), run
+  from b, give the full forward's logits, at every unit."""
   cfg, params, x, qparams = family
-  run = jax.jit(lambda x, first, last: quantized_logits(
-      cfg, QCFG, params, qparams, x, first_unit=first, last_unit=last), static_argnums=(1, 2))
+  fq = quantize_params(QCFG, params, qparams)  # as the search quantizes: once, outside
+  apply = jax.jit(lambda fq, acts, x, first, last: model_for(cfg, "quant", QCFG).apply(
+      {"params": fq}, x, acts, first_unit=first, last_unit=last), static_argnums=(3, 4))
+  run = lambda x, first, last: apply(fq, qparams.acts, x, first, last)  # noqa: E731
+  prefix = lambda b: fitness._prefix(cfg, QCFG, b, fq, qparams.acts, x)  # noqa: E731
   full = np.asarray(run(x, 0, None))
   n = len(units(cfg))
   for b in range(1, n + 1):
-    np.testing.assert_allclose(run(run(x, 0, b), b, None), full, atol=1e-5, err_msg=f"unit {b}")
+    np.testing.assert_allclose(run(prefix(b), b, None), full, atol=1e-5, err_msg=f"unit {b}")
   if n >= 3:  # a middle range composes too
-    np.testing.assert_allclose(run(run(x, 0, 1), 1, 3), run(x, 0, 3), atol=1e-5)
+    np.testing.assert_allclose(run(prefix(1), 1, 3), prefix(3), atol=1e-5)
 
 
 def _shared_unit(cfg):
