@@ -43,7 +43,7 @@ def setup():
   params = init_params(CFG, jax.random.key(0))
   x = jnp.asarray(jax.random.normal(jax.random.key(1), (N, 28, 28, 1)))
   qcfg = QuantConfig(w_bits=4, a_bits=8)
-  qparams = calibrate(CFG, qcfg, params, x, batch_size=32, progress=False)
+  qparams = calibrate(CFG, qcfg, params, x, batch_size=N, progress=False)
   return qcfg, params, x, qparams, reference_logits(CFG, params, x)
 
 

@@ -77,7 +77,7 @@ def test_efficientnet_depthwise_conv_is_the_grouped_conv(size, k, stride):
 def tiny():
   params = init_params(TINY, jax.random.key(0))
   x = np.asarray(jax.random.normal(jax.random.key(1), (N, 32, 32, 3)))
-  qparams = calibrate(TINY, QCFG, params, x, batch_size=20, progress=False)
+  qparams = calibrate(TINY, QCFG, params, x, batch_size=N, progress=False)
   return params, x, qparams
 
 

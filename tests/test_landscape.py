@@ -37,7 +37,7 @@ def setup():
   params = init_params(CFG, jax.random.key(0))
   x = np.asarray(jax.random.normal(jax.random.key(1), (N, 28, 28, 1)))
   y = np.asarray(jax.random.randint(jax.random.key(2), (N,), 0, 10))
-  qparams = calibrate(CFG, QCFG, params, x, batch_size=20, progress=False)
+  qparams = calibrate(CFG, QCFG, params, x, batch_size=N, progress=False)
   return params, x, y, qparams
 
 

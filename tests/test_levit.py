@@ -134,7 +134,7 @@ def tiny():
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)  # images of different contrast and tint
   x = np.asarray(jax.random.normal(k1, (N, 96, 96, 3)) * jax.random.uniform(
       k2, (N, 1, 1, 1), minval=0.3, maxval=2.0) + jax.random.normal(k3, (N, 1, 1, 3)))
-  return params, x, calibrate(TINY, QCFG, params, x, batch_size=20, progress=False)
+  return params, x, calibrate(TINY, QCFG, params, x, batch_size=N, progress=False)
 
 
 def test_levit_layout_is_the_references(tiny):

@@ -19,7 +19,7 @@ def setup():
   params = init_params(CFG, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (40, 28, 28, 1))
   qcfg = QuantConfig(w_bits=4, a_bits=8)
-  qparams = calibrate(CFG, qcfg, params, np.asarray(x), batch_size=20, progress=False)
+  qparams = calibrate(CFG, qcfg, params, np.asarray(x), batch_size=len(x), progress=False)
   return params, x, qcfg, qparams
 
 
@@ -55,7 +55,7 @@ def test_quant_mode_changes_outputs_and_8bit_is_closer_than_4bit(setup):
   q4 = quantized_logits(CFG, qcfg, params, qparams, x)
   assert float(jnp.max(jnp.abs(q4 - fp))) > 1e-3
   q8cfg = QuantConfig(w_bits=8, a_bits=8)
-  qp8 = calibrate(CFG, q8cfg, params, np.asarray(x), 20, progress=False)
+  qp8 = calibrate(CFG, q8cfg, params, np.asarray(x), len(x), progress=False)
   q8 = quantized_logits(CFG, q8cfg, params, qp8, x)
   err8, err4 = float(jnp.mean(jnp.abs(q8 - fp))), float(jnp.mean(jnp.abs(q4 - fp)))
   assert err8 < err4  # (closeness to FP is tested on the trained fixture)
@@ -76,7 +76,7 @@ def test_prefix_and_suffix_compose_to_the_full_forward(setup, split):
 def test_log2_softmax_option_changes_probabilities(setup):
   params, x, _, _ = setup
   q = QuantConfig(log2_softmax=True)
-  qp = calibrate(CFG, q, params, np.asarray(x), 20, progress=False)
+  qp = calibrate(CFG, q, params, np.asarray(x), len(x), progress=False)
   out = quantized_logits(CFG, q, params, qp, x)
   ref = quantized_logits(CFG, QuantConfig(), params, qp, x)
   assert not np.allclose(out, ref)

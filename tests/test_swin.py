@@ -147,7 +147,7 @@ def test_swin_bad_image_size_is_a_clear_error():
 def tiny(timm_tiny):
   params = timm_tiny[1]
   x = _images(N, seed=1)
-  return params, x, calibrate(TINY, QCFG, params, x, batch_size=4, progress=False)
+  return params, x, calibrate(TINY, QCFG, params, x, batch_size=N, progress=False)
 
 
 def test_swin_layout_and_quantized_forward(tiny):
