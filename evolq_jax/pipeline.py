@@ -8,7 +8,6 @@ the data (loaded before calibration), a resumed search's checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -19,15 +18,15 @@ import jax.numpy as jnp
 from evolq_jax.calibrate import calibrate, weights_for
 from evolq_jax.cache import enable_xla_cache
 from evolq_jax.compilation import CompileLog
-from evolq_jax.config import QuantConfig, mixed_bits_config, quant_config, search_config
+from evolq_jax.config import mixed_bits_config, quant_config, search_config
 from evolq_jax.data import SplitTooSmall, class_count, load_split
 from evolq_jax.evaluate import batched_logits, classification_metrics
-from evolq_jax.models import fp_logits, get_preset, init_params, load_params, quantized_logits
+from evolq_jax.models import get_preset, init_params, load_params
 from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
 from evolq_jax.search.bits import choose_bits
-from evolq_jax.search.fitness import reference_logits
+from evolq_jax.search.fitness import fp_forward, quantized_forward, reference_logits
 from evolq_jax.search.selection import check_rule
 from evolq_jax.workdir import code_version, open_run, write_atomic, write_json
 
@@ -145,18 +144,13 @@ def load_data(c, cfg):
   return out
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(cfg, qcfg: QuantConfig | None):
-  if qcfg is None:
-    return jax.jit(lambda p, x: fp_logits(cfg, p, x))
-  return jax.jit(lambda p, q, x: quantized_logits(cfg, qcfg, p, q, x))
-
-
 def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=500, desc=None):
-  """Logits (N, classes) of the FP model (qcfg None) or the quantized one."""
-  fn = _jitted(cfg, qcfg)
-  call = (lambda x: fn(params, x)) if qcfg is None else (lambda x: fn(params, qparams, x))
-  return batched_logits(call, images, batch_size, desc)
+  """Logits (N, classes) of the FP model (qcfg None) or the quantized one (the search's
+  own jitted forwards: one compiled program per config and batch shape)."""
+  if qcfg is None:
+    return batched_logits(lambda x: fp_forward(cfg, params, x), images, batch_size, desc)
+  return batched_logits(lambda x: quantized_forward(cfg, qcfg, params, qparams, x), images,
+                        batch_size, desc)
 
 
 def _calibrated(c, progress: bool):

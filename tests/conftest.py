@@ -153,9 +153,11 @@ def tiny_config(family: str):
 FIXTURE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "fixture_w3a8.py")
 FIXTURE_RUN_SETS = ["calib.num_images=50", "calib.batch_size=50", "eval.limit=100",
-                    "eval.batch_size=100", "search.passes=1", "search.generations=1",
-                    "search.children=2", "search.loss_batch=50", "holdout.num_images=30",
+                    "eval.batch_size=50", "search.passes=1", "search.generations=1",
+                    "search.children=2", "search.loss_batch=50", "holdout.num_images=50",
                     "search.units=(-4,-3,-2,-1)"]  # 4 of the 6 units: fewer compiles
+# (batches of 50 everywhere: the evaluation, the whole-model loss and the held-out pick
+# then run one compiled forward)
 
 
 def _network_refused(mp) -> list:

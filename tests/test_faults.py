@@ -134,7 +134,7 @@ def test_1b_resume_takes_the_runs_own_config_and_sets_must_agree(reference, tmp_
   err = _errors(capsys.readouterr().err, "search")
   assert len(err) == 1 and "quant.w_bits (3 -> 4)" in err[0], err
   # one that only changes speed is taken; the finished run is the same run
-  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "eval.batch_size=50",
+  assert main(["search", "--workdir", str(workdir), "--resume", "--set", "eval.batch_size=100",
                "calib.batch_size=50"]) == 0
   after = json.loads((workdir / "summary.json").read_text())
   for key in ("final_top1", "fitness_final", "candidates_evaluated", "init_top1"):

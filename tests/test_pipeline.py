@@ -117,7 +117,7 @@ def test_metrics_break_ties_as_argmax():
 
 def test_search_command_outputs_and_resume_guard(fixture_run, tmp_path, capsys):
   """The shared finished run (conftest.fixture_run: 4 of the 6 units, 1 pass of 2
-  children, 30 held-out images): its files, and a second run into its workdir."""
+  children, 50 held-out images): its files, and a second run into its workdir."""
   run, out = fixture_run
   workdir = tmp_path / "w"
   shutil.copytree(run, workdir)
@@ -129,7 +129,7 @@ def test_search_command_outputs_and_resume_guard(fixture_run, tmp_path, capsys):
   lines = (workdir / "history.jsonl").read_text().splitlines()
   assert [json.loads(l)["unit"] for l in lines] == [5, 4, 3, 2]  # the last unit first
   assert (workdir / "fitness.png").stat().st_size > 1000
-  assert s["holdout_images"] == 30 and [h["pass"] for h in s["holdout"]] == [0, 1]
+  assert s["holdout_images"] == 50 and [h["pass"] for h in s["holdout"]] == [0, 1]
   assert s["selected_pass"] in (0, 1) and "last_pass_top1" in s
   c = s["compile"]  # programs built or read from the (test run's) persistent cache
   assert set(c) == {"compilations", "cache_hits", "compile_seconds", "trace_seconds"}

@@ -13,9 +13,9 @@ from evolq_jax.losses import batched_loss, info_nce
 from evolq_jax.models import get_preset, init_params, quantize_params, quantized_logits
 from evolq_jax.search import (SearchConfig, population_fitness, prefix_activations,
                               reference_logits, search, searched_scales, set_scales)
-from evolq_jax.search import selection
+from evolq_jax.search import calibration_fitness, selection
 from evolq_jax.search import engine
-from evolq_jax.search.fitness import _quantized, candidate_loss, in_batches
+from evolq_jax.search.fitness import candidate_loss, in_batches, quantized_forward
 from evolq_jax.search.hooks import Hook
 from evolq_jax.search.state import EngineState
 from evolq_jax.search.strategies import evolq, make_strategy
@@ -315,10 +315,31 @@ def test_carried_optimizer_state_continues_adam_across_visits(setup, tmp_path, m
     np.testing.assert_array_equal(u, v)
 
 
+def test_evaluation_loss_and_held_out_pick_share_one_compiled_forward(setup):
+  """pipeline.predict, the FP reference, the whole-model loss and the held-out pick run
+  the package's two jitted forwards: at one batch shape, each compiles once for all (a
+  shape no other test here uses, so the evaluation compiles it first)."""
+  from evolq_jax.pipeline import predict
+  from evolq_jax.search.fitness import fp_forward
+  from evolq_jax.search.selection import holdout_correct
+  params, x, qparams, _ = setup
+  k = 19
+  fp = predict(CFG, params, x[:k], batch_size=k)
+  logits = predict(CFG, params, x[:k], QCFG, qparams, batch_size=k)
+  programs = fp_forward._cache_size(), quantized_forward._cache_size()
+  fp_ref = reference_logits(CFG, params, x[:k], k)
+  np.testing.assert_array_equal(fp_ref, fp)
+  loss = calibration_fitness(CFG, QCFG, params, qparams, x[:k], fp_ref,
+                             SearchConfig(loss_batch=k), batch_size=k)
+  correct = holdout_correct(CFG, QCFG, params, qparams, (x[:k], logits.argmax(-1)), k)
+  assert (fp_forward._cache_size(), quantized_forward._cache_size()) == programs
+  assert np.isfinite(loss) and correct.all()
+
+
 def _predict(params, qparams, x):
   """The classes the held-out pick's own program predicts (another program, e.g.
   the unbatched forward, may round a near tie the other way)."""
-  logits = in_batches(lambda b: _quantized(CFG, QCFG, params, qparams, b), x, 500)
+  logits = in_batches(lambda b: quantized_forward(CFG, QCFG, params, qparams, b), x, 500)
   return np.asarray(jnp.argmax(logits, -1))
 
 

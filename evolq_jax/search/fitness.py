@@ -87,21 +87,23 @@ def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100
                                               x), images, batch_size)
 
 
-_fp = jax.jit(fp_logits, static_argnums=0)
+# The whole model's forwards, jitted once for the package: the pipeline's evaluation
+# (pipeline.predict), the FP reference, the whole-model loss and the held-out pick run
+# these two functions, so that they share one compiled program per config and batch
+# shape (a real model's full forward takes seconds to compile).
+fp_forward = jax.jit(fp_logits, static_argnums=0)
+quantized_forward = jax.jit(quantized_logits, static_argnums=(0, 1))
 
 
 def reference_logits(cfg, params, images, batch_size: int = 100):
   """Full-precision logits on the calibration set: computed once per run."""
-  return in_batches(lambda x: _fp(cfg, params, x), images, batch_size)
-
-
-_quantized = jax.jit(quantized_logits, static_argnums=(0, 1))  # compiled once per config
+  return in_batches(lambda x: fp_forward(cfg, params, x), images, batch_size)
 
 
 def calibration_fitness(cfg, qcfg: QuantConfig, params, qparams, images, fp_ref, scfg,
                         batch_size: int = 100) -> float:
   """The search's loss for the whole quantized model (full forward)."""
-  q = in_batches(lambda x: _quantized(cfg, qcfg, params, qparams, x), images, batch_size)
+  q = in_batches(lambda x: quantized_forward(cfg, qcfg, params, qparams, x), images, batch_size)
   return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))
 
 

@@ -16,13 +16,13 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from evolq_jax.search.fitness import _quantized, in_batches
+from evolq_jax.search.fitness import in_batches, quantized_forward
 
 
 def holdout_correct(cfg, qcfg, params, qparams, holdout, batch_size: int = 500) -> np.ndarray:
   """Per held-out image: does the quantized model get it right? (bool (N,))"""
   x, y = holdout
-  logits = in_batches(lambda b: _quantized(cfg, qcfg, params, qparams, b), jnp.asarray(x),
+  logits = in_batches(lambda b: quantized_forward(cfg, qcfg, params, qparams, b), jnp.asarray(x),
                       batch_size)
   return np.asarray(jnp.argmax(logits, -1)) == np.asarray(y)
 
