@@ -147,10 +147,9 @@ def load_data(c, cfg):
 def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=500, desc=None):
   """Logits (N, classes) of the FP model (qcfg None) or the quantized one (the search's
   own jitted forwards: one compiled program per config and batch shape)."""
-  if qcfg is None:
-    return batched_logits(lambda x: fp_forward(cfg, params, x), images, batch_size, desc)
-  return batched_logits(lambda x: quantized_forward(cfg, qcfg, params, qparams, x), images,
-                        batch_size, desc)
+  run = ((lambda x: fp_forward(cfg, params, x)) if qcfg is None else
+         (lambda x: quantized_forward(cfg, qcfg, params, qparams, x)))
+  return batched_logits(run, images, batch_size, desc)
 
 
 def _calibrated(c, progress: bool):

@@ -127,8 +127,7 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
   assert dict(map(tuple, s["quant"]["layer_bits"]))  # the run quantized at those widths
   from evolq_jax.config import bits_config, quant_config
   from evolq_jax.pipeline import load_data, load_model
-  c = bits_config("W4A8", CFG.name, checkpoint="random",
-                  **{"calib.num_images": 100})
+  c = bits_config("W4A8", CFG.name, checkpoint="random", **{"calib.num_images": 100})
   cfg, params = load_model(c)
   qcfg = dataclasses.replace(quant_config(c),
                              layer_bits=tuple(map(tuple, s["quant"]["layer_bits"])))

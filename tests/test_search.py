@@ -319,20 +319,21 @@ def test_evaluation_loss_and_held_out_pick_share_one_compiled_forward(setup):
   """pipeline.predict, the FP reference, the whole-model loss and the held-out pick run
   the package's two jitted forwards: at one batch shape, each compiles once for all (a
   shape no other test here uses, so the evaluation compiles it first)."""
+  from evolq_jax.compilation import CompileLog
   from evolq_jax.pipeline import predict
-  from evolq_jax.search.fitness import fp_forward
   from evolq_jax.search.selection import holdout_correct
   params, x, qparams, _ = setup
   k = 19
   fp = predict(CFG, params, x[:k], batch_size=k)
   logits = predict(CFG, params, x[:k], QCFG, qparams, batch_size=k)
-  programs = fp_forward._cache_size(), quantized_forward._cache_size()
-  fp_ref = reference_logits(CFG, params, x[:k], k)
+  with CompileLog() as log:  # the whole model neither compiled nor read from the cache again
+    fp_ref = reference_logits(CFG, params, x[:k], k)
+    loss = calibration_fitness(CFG, QCFG, params, qparams, x[:k], fp_ref,
+                               SearchConfig(loss_batch=k), batch_size=k)
+    correct = holdout_correct(CFG, QCFG, params, qparams, (x[:k], logits.argmax(-1)), k)
+  assert {n: log.by_name.get(n, 0) for n in ("jit(fp_logits)", "jit(quantized_logits)")} == {
+      "jit(fp_logits)": 0, "jit(quantized_logits)": 0}, log.by_name
   np.testing.assert_array_equal(fp_ref, fp)
-  loss = calibration_fitness(CFG, QCFG, params, qparams, x[:k], fp_ref,
-                             SearchConfig(loss_batch=k), batch_size=k)
-  correct = holdout_correct(CFG, QCFG, params, qparams, (x[:k], logits.argmax(-1)), k)
-  assert (fp_forward._cache_size(), quantized_forward._cache_size()) == programs
   assert np.isfinite(loss) and correct.all()
 
 

@@ -16,14 +16,9 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD --only adaround-qdrop adaround --resume
-# reconstruction on Lite0 W4A4 at 200 steps of 16 images a unit (a step at 112x112
-# costs ~2 s here: the papers' 20,000 steps do not fit)
+# reconstruction on Lite0 W4A4 and W4A8 at 200 steps of 16 images a unit (a step at
+# 112x112 costs ~2 s here: the papers' 20,000 steps do not fit)
 "$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
   --name efficientnet_lite0 --passes 10 --generations 3 --children 1 --holdout 100 \
-  --seeds 0 --settings W4A4 --only adaround-qdrop-ends8 adaround-qdrop \
-  --set search.recon_iters=200 search.recon_batch=16 --resume
-# the same at W4A8 (the issue's target there: 86)
-"$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
-  --name efficientnet_lite0 --passes 10 --generations 3 --children 1 --holdout 100 \
-  --seeds 0 --settings W4A8 --only adaround-qdrop adaround-qdrop-ends8 \
+  --seeds 0 --settings W4A4 W4A8 --only adaround-qdrop adaround-qdrop-ends8 \
   --set search.recon_iters=200 search.recon_batch=16 --resume
