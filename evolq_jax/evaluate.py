@@ -12,8 +12,10 @@ def batched(fn, images, batch_size: int = 500, desc: str | None = None, host: bo
   the outputs concatenated along `axis` (fn's batch axis), as numpy (host) or
   as device arrays (host=False: e.g. prefix activations that stay on the
   accelerator). pad: the last batch is padded to batch_size so that fn
-  compiles once (off: it runs at its own size)."""
+  compiles once (off: it runs at its own size). Fewer images than one batch run
+  as one batch of their own size, not padded up to batch_size."""
   xp = np if isinstance(images, np.ndarray) else jnp
+  batch_size = max(1, min(batch_size, len(images)))
   out = []
   for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
     batch = images[i:i + batch_size]

@@ -144,9 +144,11 @@ def load_data(c, cfg):
   return out
 
 
-def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=500, desc=None):
+def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=100, desc=None):
   """Logits (N, classes) of the FP model (qcfg None) or the quantized one (the search's
-  own jitted forwards: one compiled program per config and batch shape)."""
+  own jitted forwards: one compiled program per config and batch shape). The default
+  batch is the search's (reference_logits, calibration_fitness), so that a library
+  session's evaluation and search compile the full forward once."""
   run = ((lambda x: fp_forward(cfg, params, x)) if qcfg is None else
          (lambda x: quantized_forward(cfg, qcfg, params, qparams, x)))
   return batched_logits(run, images, batch_size, desc)

@@ -88,6 +88,23 @@ def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
                       loss_batch, 3.0)
 
 
+# The test files, longest first (their summed test seconds, in the order of the last full
+# run's --durations): xdist (--dist loadfile, setup.cfg) hands each worker whole files, in
+# collection order, as it frees up. One worker then builds a file's module fixtures and
+# compiles its programs once, and the longest files start first, so that the two workers
+# end close together. A file not listed here goes after these.
+LONGEST_FIRST = ("test_notebooks", "test_families", "test_export", "test_search",
+                 "test_reconstruct", "test_sharding", "test_pinned", "test_levit", "test_bits",
+                 "test_onnx", "test_faults", "test_landscape", "test_pipeline",
+                 "test_benchmarks", "test_multiprocess", "test_docs", "test_cifar10")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: within a file,
+  # pytest's own order (module fixtures' parameters grouped) is kept
+
+
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -24,7 +24,7 @@ ITERS = 200
 
 @pytest.fixture(scope="module")
 def fixture():
-  cfg, qcfg, params, data = bundled_fixture("W3A8", 200)
+  cfg, qcfg, params, data = bundled_fixture("W3A8", 100)  # one calibration batch
   qparams = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False)
   return cfg, qcfg, params, jnp.asarray(data["calib"]), qparams, data["test"][0][:300]
 
