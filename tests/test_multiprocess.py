@@ -17,8 +17,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _worker(process_id: int, processes: int, port: int):
-  """One process of the run (processes=1: the reference); prints its result as JSON."""
+def _worker(process_id: int, processes: int, port: int) -> dict:
+  """One process of the run (processes=1: the reference, run in the test's own process)
+  -> its result, as JSON types."""
   import jax
   if processes > 1:
     from evolq_jax.search.sharding import initialize_distributed
@@ -39,14 +40,14 @@ def _worker(process_id: int, processes: int, port: int):
     qparams = calibrate(cfg, qcfg, params, x, batch_size=12, progress=False)
     scfg = SearchConfig(passes=1, generations=2, children=5, loss_batch=12, devices=0)
     r = search(cfg, qcfg, params, qparams, x, scfg, seed=1, progress=False)
-  print("RESULT " + json.dumps({
+  return json.loads(json.dumps({
       "process": jax.process_index(), "final": r.fitness_final, "history": r.history,
-      "qparams": [np.asarray(a).tolist() for a in jax.tree.leaves(r.qparams)]}), flush=True)
+      "qparams": [np.asarray(a).tolist() for a in jax.tree.leaves(r.qparams)]}))
 
 
 def _start(process_id, processes, port):
   code = (f"import sys; sys.path.insert(0, {HERE!r}); from test_multiprocess import _worker; "
-          f"_worker({process_id}, {processes}, {port})")
+          f"import json; print('RESULT ' + json.dumps(_worker({process_id}, {processes}, {port})))")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env)
@@ -60,9 +61,10 @@ def _result(proc, timeout=600):
 
 def test_two_processes_search_like_one():
   port = _free_port()
-  procs = [_start(i, 2, port) for i in range(2)] + [_start(0, 1, 0)]  # the last: one process
+  procs = [_start(i, 2, port) for i in range(2)]
   try:
-    *results, one = [_result(p) for p in procs]
+    one = _worker(0, 1, 0)  # one process: this one, while the two run
+    results = [_result(p) for p in procs]
   finally:
     for p in procs:
       p.kill()
