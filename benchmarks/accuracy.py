@@ -59,7 +59,7 @@ from evolq_jax.quant.recipe import parse_bits, reference_init
 from evolq_jax.search.strategies import EVOSAX, GRADIENT
 from evolq_jax.workdir import write_json
 from accuracy_plans import (PLANS, REGIME, SEARCHES, equal_passes, evaluations,
-                            hardest_setting)
+                            hardest_setting, stages)
 
 CURVE_TEST_IMAGES = 2000  # the budget curves' points use the first 2,000 test images
 
@@ -223,14 +223,17 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
   one); the search checkpoints there after every unit, and a killed cell resumes
   from it. The caller removes the folder once the record is written. The record is
   None when another process holds the folder."""
-  start, over, _ = SEARCHES[method]
-  scfg = dataclasses.replace(search_config(c), **{
-      **over, **method_budget(method, budget, len(units(ctx["cfg"])), done_runs)})
+  start = SEARCHES[method][0]
+  scfgs = [dataclasses.replace(search_config(c), **{
+      **SEARCHES[m][1], **method_budget(m, budget, len(units(ctx["cfg"])), done_runs)})
+      for m in stages(method)]
   qcfg, qp0 = starts[start]
   folder = None
   if root:
+    searched = ([dataclasses.asdict(s) for s in scfgs] if len(scfgs) > 1
+                else dataclasses.asdict(scfgs[0]))
     identity = json.loads(json.dumps({
-        "quant": dataclasses.asdict(qcfg), "search": dataclasses.asdict(scfg), "start": start,
+        "quant": dataclasses.asdict(qcfg), "search": searched, "start": start,
         "holdout": len(ctx["holdout"][1]) if ctx.get("holdout") else 0,
         "holdout_alpha": ctx.get("holdout_alpha"), "source": ctx.get("source")}, default=str))
     folder = cell_dir(root, setting, method, seed, identity)
@@ -241,10 +244,39 @@ def run_search(ctx, c, setting, method, seed, starts, best, budget, done_runs=()
         stack.enter_context(workdir.open_run(folder, "search", identity, resume=begun))
       except workdir.InUse:  # another grid process runs this cell
         return None, folder
-    return _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder), folder
+    if len(scfgs) == 1:
+      return _run_cell(ctx, setting, method, seed, best, start, scfgs[0], qcfg, qp0, folder)[0], \
+          folder
+    return _run_stacked(ctx, setting, method, seed, best, start, scfgs, qcfg, qp0, folder), \
+        folder
+
+
+def _run_stacked(ctx, setting, method, seed, best, start, scfgs, qcfg, qp, folder):
+  """A STACKED method: each stage a search of its own (its checkpoints in the cell's
+  stage<k> folder, so a killed cell resumes in the stage it was in), from the previous
+  stage's result. -> the last stage's record, with the stages' candidates and seconds
+  summed and each stage's own figures under extra.stages."""
+  records = []
+  for k, (name, scfg) in enumerate(zip(stages(method), scfgs)):
+    sub = os.path.join(folder, f"stage{k + 1}") if folder else None
+    if sub:
+      os.makedirs(sub, exist_ok=True)
+    rec, qp = _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp, sub)
+    records.append({**rec, "method": name})
+  last = records[-1]
+  extra = {**last["extra"], "start": records[0]["extra"]["start"],
+           "stages": [{k: r[k] for k in ("method", "calibration_fitness", "test_top1",
+                                         "candidates_evaluated", "seconds")}
+                      | {"own_loss_init": r["extra"]["own_loss_init"]} for r in records]}
+  return {**last, "method": method,
+          "candidates_evaluated": sum(r["candidates_evaluated"] for r in records),
+          "seconds": sum(r["seconds"] for r in records),
+          "config": {**last["config"], "stages": [r["config"]["search"] for r in records]},
+          "extra": extra}
 
 
 def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
+  """One search from qp0 -> (its record, the qparams it ends with)."""
   cfg, params = ctx["cfg"], ctx["params"]
   parts = []  # the commits that ran parts of this cell, and where each began
   if folder:
@@ -307,7 +339,7 @@ def _run_cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp0, folder):
           **final, "candidates_evaluated": r.candidates,
           "seconds": r.seconds, "config": {"quant": dataclasses.asdict(qcfg),
                                            "search": dataclasses.asdict(scfg)},
-          "extra": extra}
+          "extra": extra}, r.qparams
 
 
 def _key(run):

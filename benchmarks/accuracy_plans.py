@@ -65,11 +65,28 @@ SEARCHES = {
     "adaround-qdrop-ends8": ("reference-ends8", {"strategy": "adaround", "qdrop": True,
                                                  "recon_acts": True}, None),
     "evolq-infonce-ends8": ("reference-ends8", {}, None),
+    # the two in sequence (STACKED below): whether they stack, in either order
     "evolq-infonce-4x": ("reference", {}, {"passes": "4x"}),
     # Sep-CMA-ES: the evosax strategy with the lowest mean W3A4 calibration loss at 1x
     "sep-cma-es-eq-4x": ("reference", {"strategy": "Sep_CMA_ES"},
                          {"popsize": 4, "generations": 3, "passes": "4x"}),
 }
+
+# Methods that run other methods in sequence, each at its own budget, the second from the
+# first's result (its learned rounding, its scales): does reconstruction leave anything for
+# Evol-Q's scale search, and does reconstruction still help after it? A stacked method
+# starts where its first stage starts; its record sums the stages' candidates and seconds.
+STACKED = {
+    "adaround-qdrop+evolq": ("adaround-qdrop", "evolq-infonce"),
+    "evolq+adaround-qdrop": ("evolq-infonce", "adaround-qdrop"),
+}
+SEARCHES.update({name: SEARCHES[stages[0]] for name, stages in STACKED.items()})
+
+
+def stages(method: str) -> tuple:
+  """The methods a grid method runs, in order: itself, or a STACKED sequence."""
+  return STACKED.get(method, (method,))
+
 
 # The Fashion-MNIST fixture's grid (its budget: --passes 2 --generations 2 --children 4).
 FIXTURE_PLAN = [
@@ -106,6 +123,7 @@ CIFAR10_PLAN = [
     (("HARD", "W3A8"), ("evolq-infonce-4x", "sep-cma-es-eq-4x")),
     (("HARD",), ("grad-adam-cosine",)),
     (("HARD", "W4A4"), ("adaround", "adaround-qdrop")),
+    (("HARD",), tuple(STACKED)),
 ]
 CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")
                   for m in ("evolq-infonce", "grad-adam-wall", "evolq-infonce-4x",

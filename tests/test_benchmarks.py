@@ -297,3 +297,36 @@ def test_pick_study_counts_last_against_kept_and_moves_ties(monkeypatch, tmp_pat
   assert out["grids"]["g"] == {"holdout_images": 100, **t} and out["grids"]["all"] == t
   with pytest.raises(SystemExit, match="no grid at"):
     pick_study.main([str(tmp_path / "missing.json")])
+
+
+def test_a_stacked_method_runs_its_stages_in_order_from_each_others_result(tmp_path,
+                                                                           monkeypatch):
+  """accuracy_plans.STACKED: the second stage starts from the first's qparams, each stage in
+  a folder of its own (a killed cell resumes in its stage), and the record sums the stages'
+  candidates and seconds and keeps each stage's figures. (The searches are stand-ins here:
+  the grid test above runs a real cell.)"""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import accuracy
+  from accuracy_plans import SEARCHES, STACKED, stages
+  assert stages("adaround-qdrop+evolq") == ("adaround-qdrop", "evolq-infonce")
+  assert SEARCHES["evolq+adaround-qdrop"] == SEARCHES["evolq-infonce"]  # starts where it starts
+  calls = []
+
+  def cell(ctx, setting, method, seed, best, start, scfg, qcfg, qp, folder):
+    calls.append((scfg, qp, folder))
+    assert os.path.isdir(folder)
+    n = len(calls)
+    return ({"setting": setting, "method": method, "seed": seed, "calibration_fitness": 10 - n,
+             "test_top1": 50.0 + n, "candidates_evaluated": 100 * n, "seconds": 7.0 * n,
+             "config": {"quant": {"w_bits": 3}, "search": {"strategy": scfg}},
+             "extra": {"start": "init-reference", "own_loss_init": 11 - n}}, f"qparams{n}")
+  monkeypatch.setattr(accuracy, "_run_cell", cell)
+  r = accuracy._run_stacked({}, "W3A4", "adaround-qdrop+evolq", 0, None, "reference",
+                            ["adaround", "evolq"], None, "qparams0", str(tmp_path))
+  assert [c[1] for c in calls] == ["qparams0", "qparams1"]  # each from the one before
+  assert [os.path.basename(c[2]) for c in calls] == ["stage1", "stage2"]
+  assert r["method"] == "adaround-qdrop+evolq" and r["test_top1"] == 52.0
+  assert r["candidates_evaluated"] == 300 and r["seconds"] == 21.0
+  assert [s["method"] for s in r["extra"]["stages"]] == list(STACKED["adaround-qdrop+evolq"])
+  assert [s["test_top1"] for s in r["extra"]["stages"]] == [51.0, 52.0]
+  assert r["config"]["stages"] == [{"strategy": "adaround"}, {"strategy": "evolq"}]

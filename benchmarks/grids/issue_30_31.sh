@@ -16,6 +16,11 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD --only adaround-qdrop adaround --resume
+# then W4A4, and the two stacked in either order on W3A4 (accuracy_plans.STACKED)
+"$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
+  --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
+  --seeds 0 --settings HARD W4A4 \
+  --only adaround adaround-qdrop adaround-qdrop+evolq evolq+adaround-qdrop --resume
 # reconstruction on Lite0 W4A4 and W4A8 at 200 steps of 16 images a unit (a step at
 # 112x112 costs ~2 s here: the papers' 20,000 steps do not fit)
 "$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
