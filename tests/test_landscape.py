@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_fixture_vit
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.cli import main
@@ -141,16 +142,16 @@ def test_bad_arguments_give_clear_errors(setup, kwargs, message):
                 block=kwargs["unit"])
 
 
-SMALL = ["calib.num_images=40", "calib.batch_size=20", "search.loss_batch=20"]
-
-
 def test_command_writes_png_and_json(tmp_path, capsys):
+  """On the registered 2-block fixture ViT (conftest.small_fixture_vit), random weights."""
+  small = ["model='" + small_fixture_vit().name + "'", "checkpoint='random'",
+           "calib.num_images=40", "calib.batch_size=40", "search.loss_batch=20"]
   rc = main(["landscape", "--config", "configs/fixture_w3a8.py", "--layer", "fc1", "--points",
              "5", "--test-limit", "50", "--workdir", str(tmp_path)]
-            + functools.reduce(operator.iadd, [["--set", s] for s in SMALL], []))
+            + functools.reduce(operator.iadd, [["--set", s] for s in small], []))
   assert rc == 0
   r = json.loads((tmp_path / "landscape.json").read_text())
-  assert (r["layer"], r["unit"], r["setting"], r["dims"]) == ("fc1", 5, "W3A8", 1)
+  assert (r["layer"], r["unit"], r["setting"], r["dims"]) == ("fc1", 1, "W3A8", 1)  # the last
   assert len(r["loss"]) == 5 and len(r["top1"]) == 5 and r["test_images"] == 50
   assert (tmp_path / "landscape.png").stat().st_size > 1000
   assert "roughness" in capsys.readouterr().out

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # notebook -> (text its outputs must show, plots it must write)
 EXPECTED = {
     "quickstart.ipynb": (["W3A8 Evol-Q", "calibration loss"], ["quickstart_fitness.png"]),
-    "loss_landscape.ipynb": (["roughness", "infonce rough", "W3A8 fc2"],
+    "loss_landscape.ipynb": (["roughness", "infonce rough", "W3A8 qkv"],
                              ["landscape_qkv_w3a8.png", "landscape_qkv_basis_w3a8.png",
                               "landscape_qkv_2d_w3a8.png"]),
     "pretrained_cnn.ipynb": (["efficientnet_lite0 full precision", "W6A6 Evol-Q"],
