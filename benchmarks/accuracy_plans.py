@@ -65,7 +65,6 @@ SEARCHES = {
     "adaround-qdrop-ends8": ("reference-ends8", {"strategy": "adaround", "qdrop": True,
                                                  "recon_acts": True}, None),
     "evolq-infonce-ends8": ("reference-ends8", {}, None),
-    # the two in sequence (STACKED below): whether they stack, in either order
     "evolq-infonce-4x": ("reference", {}, {"passes": "4x"}),
     # Sep-CMA-ES: the evosax strategy with the lowest mean W3A4 calibration loss at 1x
     "sep-cma-es-eq-4x": ("reference", {"strategy": "Sep_CMA_ES"},
