@@ -26,7 +26,8 @@ from evolq_jax.models.forward import units
 from evolq_jax.qparams import QPARAMS_FILE, save_qparams
 from evolq_jax.quant.bits import check_bits
 from evolq_jax.search.bits import choose_bits
-from evolq_jax.search.fitness import fp_forward, quantized_forward, reference_logits
+from evolq_jax.search.fitness import (FORWARD_BATCH, fp_forward, quantized_forward,
+                                      reference_logits)
 from evolq_jax.search.selection import check_rule
 from evolq_jax.workdir import code_version, open_run, write_atomic, write_json
 
@@ -144,11 +145,12 @@ def load_data(c, cfg):
   return out
 
 
-def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=100, desc=None):
+def predict(cfg, params, images, qcfg=None, qparams=None, batch_size=FORWARD_BATCH,
+            desc=None):
   """Logits (N, classes) of the FP model (qcfg None) or the quantized one (the search's
   own jitted forwards: one compiled program per config and batch shape). The default
-  batch is the search's (reference_logits, calibration_fitness), so that a library
-  session's evaluation and search compile the full forward once."""
+  batch is the search's (reference_logits, calibration_fitness, the held-out pick), so
+  that a library session's evaluation and search compile the full forward once."""
   run = ((lambda x: fp_forward(cfg, params, x)) if qcfg is None else
          (lambda x: quantized_forward(cfg, qcfg, params, qparams, x)))
   return batched_logits(run, images, batch_size, desc)

@@ -89,19 +89,21 @@ def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100
 
 # The whole model's forwards, jitted once for the package: the pipeline's evaluation
 # (pipeline.predict), the FP reference, the whole-model loss and the held-out pick run
-# these two functions, so that they share one compiled program per config and batch
-# shape (a real model's full forward takes seconds to compile).
+# these two functions, by default in batches of FORWARD_BATCH images, so that they share
+# one compiled program per config and batch shape (a real model's full forward takes
+# seconds to compile).
+FORWARD_BATCH = 100
 fp_forward = jax.jit(fp_logits, static_argnums=0)
 quantized_forward = jax.jit(quantized_logits, static_argnums=(0, 1))
 
 
-def reference_logits(cfg, params, images, batch_size: int = 100):
+def reference_logits(cfg, params, images, batch_size: int = FORWARD_BATCH):
   """Full-precision logits on the calibration set: computed once per run."""
   return in_batches(lambda x: fp_forward(cfg, params, x), images, batch_size)
 
 
 def calibration_fitness(cfg, qcfg: QuantConfig, params, qparams, images, fp_ref, scfg,
-                        batch_size: int = 100) -> float:
+                        batch_size: int = FORWARD_BATCH) -> float:
   """The search's loss for the whole quantized model (full forward)."""
   q = in_batches(lambda x: quantized_forward(cfg, qcfg, params, qparams, x), images, batch_size)
   return float(batched_loss(scfg.loss, q, fp_ref, scfg.loss_batch, scfg.temperature))

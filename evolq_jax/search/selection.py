@@ -16,10 +16,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from evolq_jax.search.fitness import in_batches, quantized_forward
+from evolq_jax.search.fitness import FORWARD_BATCH, in_batches, quantized_forward
 
 
-def holdout_correct(cfg, qcfg, params, qparams, holdout, batch_size: int = 500) -> np.ndarray:
+def holdout_correct(cfg, qcfg, params, qparams, holdout,
+                    batch_size: int = FORWARD_BATCH) -> np.ndarray:
   """Per held-out image: does the quantized model get it right? (bool (N,))"""
   x, y = holdout
   logits = in_batches(lambda b: quantized_forward(cfg, qcfg, params, qparams, b), jnp.asarray(x),
