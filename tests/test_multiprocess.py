@@ -1,5 +1,7 @@
 """A search over two processes (JAX's distributed runtime, CPU collectives) equals the
-search in one process: the population is sharded over one device per process."""
+search in one process on one device: the population is sharded over the four devices of
+two processes (two forced host devices each), so this also checks a population split
+over several devices of one process (test_sharding checks the scoring programs)."""
 import json
 import os
 import socket
@@ -9,6 +11,7 @@ import sys
 import numpy as np
 
 HERE = os.path.dirname(__file__)
+LOCAL_DEVICES = 2  # per process of the two
 
 
 def _free_port() -> int:
@@ -30,8 +33,9 @@ def _worker(process_id: int, processes: int, port: int) -> dict:
   from evolq_jax.config import QuantConfig
   from evolq_jax.models import get_preset, init_params
   from evolq_jax.search import SearchConfig, search
+  local = LOCAL_DEVICES if processes > 1 else 1
   assert (jax.process_count(), len(jax.devices()), len(jax.local_devices())) == (
-      processes, processes, 1)
+      processes, processes * local, local)
   cfg = dataclasses.replace(get_preset("vit_fixture_patch4_28"), depth=1)
   qcfg = QuantConfig(w_bits=3, a_bits=8)
   with jax.enable_x64(True):  # as in test_sharding: no value sits on a rounding boundary
@@ -41,14 +45,15 @@ def _worker(process_id: int, processes: int, port: int) -> dict:
     scfg = SearchConfig(passes=1, generations=2, children=5, loss_batch=12, devices=0)
     r = search(cfg, qcfg, params, qparams, x, scfg, seed=1, progress=False)
   return json.loads(json.dumps({
-      "process": jax.process_index(), "final": r.fitness_final, "history": r.history,
+      "process": jax.process_index(), "devices": len(jax.devices()), "final": r.fitness_final, "history": r.history,
       "qparams": [np.asarray(a).tolist() for a in jax.tree.leaves(r.qparams)]}))
 
 
 def _start(process_id, processes, port):
   code = (f"import sys; sys.path.insert(0, {HERE!r}); from test_multiprocess import _worker; "
           f"import json; print('RESULT ' + json.dumps(_worker({process_id}, {processes}, {port})))")
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"}
   return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, env=env)
 
@@ -69,6 +74,7 @@ def test_two_processes_search_like_one():
     for p in procs:
       p.kill()
   assert [r["process"] for r in results] == [0, 1]
+  assert [r["devices"] for r in results] == [2 * LOCAL_DEVICES] * 2 and one["devices"] == 1
   for r in results:  # every process ends with the one-process result, bit for bit
     assert r["final"] == one["final"]
     assert r["history"] == one["history"]

@@ -131,7 +131,7 @@ def _budget_for_chunk(setup, chunk):
 # --- several devices (a subprocess with 4 forced host devices) ----------------
 
 def _worker():
-  """Prints fitness and search results on one device and on all four, as JSON."""
+  """Prints the population fitness on one device and on all four, as JSON."""
   assert len(jax.devices()) == DEVICES, jax.devices()
   out = {"devices": len(jax.devices())}
   with jax.enable_x64(True):
@@ -150,15 +150,8 @@ def _worker():
     sharded = population_fitness(*static, 0, pop, *fitness.sharding.replicate(args, mesh),
                                  mesh=mesh)
     out["devices_used"] = len(sharded.sharding.device_set)
-    # float64 here too: in float32 the two programs round a few values differently,
-    # which can flip a candidate across a 3-bit grid boundary
-    params, x, qparams, _ = setup
-    scfg = SearchConfig(passes=1, generations=2, children=5, loss_batch=LB)
-    runs = [search(CFG, QCFG, params, qparams, x, dataclasses.replace(scfg, devices=d), seed=1,
-                   progress=False) for d in (1, 0)]
-  out["search"] = [{"final": r.fitness_final, "history": r.history,
-                    "qparams": [np.asarray(a).tolist() for a in jax.tree.leaves(r.qparams)]}
-                   for r in runs]
+  # a whole search sharded over devices equals the one-device search: test_multiprocess
+  # (four devices over two processes)
   print("RESULT " + json.dumps(out))
 
 
@@ -174,7 +167,7 @@ def four_devices():
   return json.loads(line[len("RESULT "):])
 
 
-def test_sharded_fitness_and_search_equal_one_device(four_devices):
+def test_sharded_fitness_equals_one_device(four_devices):
   """One test: under xdist a module fixture used by two tests may be built on both
   workers, and this one is a 4-device subprocess."""
   assert four_devices["devices"] == DEVICES
@@ -186,11 +179,6 @@ def test_sharded_fitness_and_search_equal_one_device(four_devices):
     assert len(many) == POP  # the padding rows are dropped again
     np.testing.assert_allclose(many, one, rtol=1e-12, atol=1e-12, err_msg=k)
     assert np.ptp(one) > 1e-3
-  one, many = four_devices["search"]
-  assert many["final"] == one["final"]
-  assert many["history"] == one["history"]
-  assert many["qparams"] == one["qparams"]
-  assert one["history"][-1]["best"] < one["history"][0]["start"]  # the search did move
 
 
 if __name__ == "__main__":

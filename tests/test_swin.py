@@ -1,25 +1,22 @@
 """Swin Transformer: parity with timm on random (perturbed) weights, the
 converter (timm and original checkpoints, presets' shapes, safetensors), the
-FQ-ViT layout and quantized modes, the prefix forward and the search on a tiny
-instance. `evolq search` end to end on a registered non-ViT preset and generated
+FQ-ViT layout (test_families checks the quantized modes, the prefix forward and
+the population fitness on every family). `evolq search` end to end on a registered non-ViT preset and generated
 JPEGs is tests/test_levit.py's (the CLI is the same for every family)."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from evolq_jax.calibrate import calibrate
 from evolq_jax.config import QuantConfig
-from evolq_jax.models import (calibration_stats, fp_logits, get_preset, load_params,
-                              quantized_logits, units)
+from evolq_jax.models import calibration_stats, fp_logits, get_preset, load_params, units
 from evolq_jax.models.convert import expected_shapes, from_timm_state_dict, timm_to_flax_flat
 from evolq_jax.models.swin import act_rules, shift_mask
 from evolq_jax.quant.recipe import rule_for
 
-from conftest import import_timm
+from conftest import calibrated_shapes, import_timm
 
 PRESETS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
            "swin_base_patch4_window7_224")
@@ -143,15 +140,11 @@ def test_swin_bad_image_size_is_a_clear_error():
 
 # ------------------------------------------------------------ quantized modes --
 
-@pytest.fixture(scope="module")
-def tiny(timm_tiny):
-  params = timm_tiny[1]
-  x = _images(N, seed=1)
-  return params, x, calibrate(TINY, QCFG, params, x, batch_size=N, progress=False)
-
-
-def test_swin_layout_and_quantized_forward(tiny):
-  params, x, qparams = tiny
+def test_swin_layout(timm_tiny):
+  """The FQ-ViT points and PTF placement (the calibrated scales' shapes, traced;
+  test_families and test_onnx run the quantized modes)."""
+  params, x = timm_tiny[1], _images(N, seed=1)
+  qparams = calibrated_shapes(TINY, QCFG, params, x)
   s = jax.jit(lambda p, x: calibration_stats(TINY, p, x)[1]["stats"])(params, x)
   assert jax.tree.structure(jax.tree.map(lambda a: 0, s)) == jax.tree.structure(
       jax.tree.map(lambda d: 0, qparams.acts, is_leaf=lambda d: "scale" in d))
@@ -174,7 +167,3 @@ def test_swin_layout_and_quantized_forward(tiny):
   assert np.shape(qparams.acts["patch_embed"]["norm_out"]["scale"]) == ()  # uniform, as the ref
   assert [tuple(l.name for l in u.layers) for u in units(TINY)][1:3] == [
       ("qkv", "proj", "fc1", "fc2"), ("reduction", "qkv", "proj", "fc1", "fc2")]
-  q = jax.jit(lambda p, qp, x: quantized_logits(TINY, QCFG, p, qp, x))(params, qparams, x)
-  fp = jax.jit(lambda p, x: fp_logits(TINY, p, x))(params, x)
-  assert bool(jnp.all(jnp.isfinite(q))) and 0 < float(jnp.abs(q - fp).max()) < float(
-      jnp.abs(fp).max())

@@ -15,6 +15,7 @@ from evolq_jax.evaluate import batched_logits
 from evolq_jax.export import IntExport
 from evolq_jax.integer.interpret import integer_forward, integer_forward_of_consts
 from evolq_jax.integer.model import trace
+from evolq_jax.search.fitness import FORWARD_BATCH
 
 
 def _check_images(images, shape) -> None:
@@ -40,11 +41,12 @@ def int_forward(export: IntExport, batch: int = 1):
   return call, backend
 
 
-def int_logits(export: IntExport, images, batch_size: int = 500) -> np.ndarray:
-  """Integer logits (N, classes) float32 of normalized float images (N, H, W, C).
-  The export's arrays enter the compiled program as arguments: another export of
-  the same model and layout (other scales, other bits in the same containers)
-  reads the program from the persistent compilation cache instead of compiling."""
+def int_logits(export: IntExport, images, batch_size: int = FORWARD_BATCH) -> np.ndarray:
+  """Integer logits (N, classes) float32 of normalized float images (N, H, W, C), in
+  batches of the fake-quant forward's size. The export's arrays enter the compiled
+  program as arguments: another export of the same model and layout (other scales,
+  other bits in the same containers) reads the program from the persistent
+  compilation cache instead of compiling."""
   n = min(batch_size, len(images))
   closed = trace(export, n)
   _check_images(images, closed.jaxpr.invars[0].aval.shape)

@@ -10,8 +10,8 @@ call `initialize_distributed()` (JAX's distributed runtime) in every process
 before anything else touches JAX; `jax.devices()` then lists the devices of
 all processes and the mesh spans them. Each process must pass the same
 calibration images and seed (the search is deterministic given both).
-tests/test_multiprocess.py runs two CPU processes on localhost and checks
-that their result equals one process's.
+tests/test_multiprocess.py runs two CPU processes on localhost, with two
+devices each, and checks that their result equals one process's on one device.
 """
 from __future__ import annotations
 
