@@ -120,10 +120,12 @@ def _full_loss(cfg, qcfg, loss_batch, params, qparams, x, fp_ref):
 # collection order, as it frees up. One worker then builds a file's module fixtures and
 # compiles its programs once, and the longest files start first, so that the two workers
 # end close together. A file not listed here goes after these.
-LONGEST_FIRST = ("test_notebooks", "test_families", "test_export", "test_search",
-                 "test_reconstruct", "test_sharding", "test_pinned", "test_levit", "test_bits",
-                 "test_onnx", "test_faults", "test_landscape", "test_pipeline",
-                 "test_benchmarks", "test_multiprocess", "test_docs", "test_cifar10")
+LONGEST_FIRST = ("test_notebooks", "test_families", "test_search", "test_export",
+                 "test_reconstruct", "test_bits", "test_onnx", "test_sharding", "test_pipeline",
+                 "test_faults", "test_multiprocess", "test_pinned", "test_benchmarks",
+                 "test_landscape", "test_levit", "test_docs", "test_cache", "test_model",
+                 "test_timm_parity", "test_cifar10", "test_quant", "test_efficientnet",
+                 "test_swin")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,18 +23,20 @@ RUNS = {
                  "search.acts=True", "search.layers=('qkv','proj','fc1','fc2')"],
 }
 # the last two of the fixture's 6 units: every program a search builds, at a third of the compiles
-COMMON = ["quant.recipe='fqvit'", "calib.num_images=200", "search.loss_batch=100", "eval.limit=500",
+COMMON = ["quant.recipe='fqvit'", "calib.num_images=200", "search.loss_batch=100",
           "search.units=(-2,-1)"]
 
 
 def pinned_run(name: str) -> dict:
   """-> flat {key: array} of one run's fitness history and final QParams."""
-  from evolq_jax.config import search_config
-  from evolq_jax.pipeline import _calibrated
+  from evolq_jax.config import quant_config, search_config
+  from evolq_jax.pipeline import calibrate_on_split, load_model
   from evolq_jax.search import search
   c = apply_overrides(load_config(CONFIG), COMMON + RUNS[name])
-  cfg, qcfg, params, data, _, qparams, _, _ = _calibrated(c, False)
-  result = search(cfg, qcfg, params, qparams, data["calib"], search_config(c), seed=c.seed,
+  qcfg = quant_config(c)
+  cfg, params = load_model(c)
+  calib, _, qparams = calibrate_on_split(c, cfg, qcfg, params, progress=False)  # no evaluation
+  result = search(cfg, qcfg, params, qparams, calib, search_config(c), seed=c.seed,
                   progress=False)
   out = {"fitness": np.asarray([[h["best"], h["gen_min"], h["gen_mean"]]
                                 for h in result.history], np.float64),

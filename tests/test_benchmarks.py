@@ -10,10 +10,12 @@ from conftest import small_fixture_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the 2-block fixture ViT: the grid's many programs (six recipes' calibrations and
-# evaluations, the search's) are small
+# evaluations, the search's) are small; every forward runs batches of 40 images (the
+# calibration set, the test batches, the held-out images), so that each recipe compiles
+# its quantized forward once
 GRID_MODEL = small_fixture_vit().name
 SMALL = ["checkpoint='random'", f"model='{GRID_MODEL}'", "calib.num_images=40",
-         "calib.batch_size=20", "eval.limit=100", "eval.batch_size=50", "search.loss_batch=20"]
+         "calib.batch_size=40", "eval.limit=100", "eval.batch_size=40", "search.loss_batch=20"]
 FIELDS = ("setting", "method", "seed", "calibration_fitness", "test_top1", "test_top5",
           "agreement_with_fp", "candidates_evaluated", "seconds", "git_commit", "config")
 
@@ -53,7 +55,7 @@ def _grid_here(tmp_path, monkeypatch, *extra, stop_after=None):
   monkeypatch.setattr(engine, "search_block", search_block)
   monkeypatch.setattr(sys, "argv", ["accuracy.py", "--settings", "W4A8", "--only",
                                     "evolq-infonce", "--seeds", "0", "--passes", "2",
-                                    "--generations", "1", "--children", "2", "--holdout", "30",
+                                    "--generations", "1", "--children", "2", "--holdout", "40",
                                     "--name", "grid", *extra, "--set", *SMALL])
   monkeypatch.chdir(tmp_path)
   if stop_after is None:

@@ -21,7 +21,8 @@ def test_bundled_cifar10_fixture_through_evolq_eval(tmp_path, capsys):
   _, y = load_split(c.data, "test", cfg, limit=500)
   assert len(set(y.tolist())) == 10
   rc = main(["eval", "--config", "configs/cifar10.py:W8A8", "--workdir", str(tmp_path),
-             "--set", "calib.num_images=100", "--set", "eval.limit=500"])
+             "--set", "calib.num_images=50", "--set", "calib.batch_size=50",
+             "--set", "eval.limit=500"])  # OMSE runs on the last calibration batch: 50 images
   assert rc == 0, capsys.readouterr().err
   s = json.loads((tmp_path / "summary.json").read_text())
   assert s["model"] == "vit_cifar10_patch4_32" and s["test_images"] == 500

@@ -13,7 +13,9 @@ from evolq_jax.config import QuantConfig, apply_overrides, base_config, bits_con
 from evolq_jax.evaluate import classification_metrics, topk_accuracy
 from evolq_jax.models import get_preset, init_params
 
-SMALL = ["checkpoint='random'", "calib.num_images=40", "calib.batch_size=20", "eval.limit=100",
+# the shared fixture run's sizes (conftest.FIXTURE_RUN_SETS): one calibration batch of 50 and
+# forwards of 50, so that the A8 calibration and the FP forward are programs it compiled
+SMALL = ["checkpoint='random'", "calib.num_images=50", "calib.batch_size=50", "eval.limit=100",
          "eval.batch_size=50"]
 
 
@@ -25,7 +27,7 @@ def test_eval_command_writes_summary(tmp_path, capsys):
   for key in ("model", "w_bits", "a_bits", "fp_top1", "init_top1", "seconds"):
     assert key in s
   assert (s["model"], s["w_bits"], s["a_bits"]) == ("vit_fixture_patch4_28", 4, 8)
-  assert s["test_images"] == 100 and s["calib_images"] == 40
+  assert s["test_images"] == 100 and s["calib_images"] == 50
   assert 0 <= s["init_top1"] <= 100 and s["seconds"] > 0
   assert s["quant"]["recipe"] == "reference" and s["quant"]["bias_correction"]  # the default
   assert "W4A8 init (reference)" in capsys.readouterr().out
