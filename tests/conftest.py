@@ -1,6 +1,7 @@
 """Shared test helpers."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -151,15 +152,36 @@ def bundled_fixture(setting: str, calib_images: int):
   return cfg, quant_config(c), params, load_data(c, cfg)
 
 
+def _session_root(tmp_path_factory):
+  """The folder the whole test session shares: under xdist, the workers' common base."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _session_lock(root, name: str):
+  """Held while one worker builds the session's `name` and the other waits for it."""
+  import fcntl
+  with open(root / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 @pytest.fixture(scope="session")
-def fixture_acts():
+def fixture_acts(tmp_path_factory):
   """The bundled fixture (W8A8 recipe), its activations calibrated once on 100 images (they
   do not depend on the weights' settings), and 500 test images:
-  -> (cfg, QuantConfig, params, acts, images). For test_export and test_onnx."""
+  -> (cfg, QuantConfig, params, acts, images). For test_export and test_onnx (under xdist
+  the first worker calibrates and saves the scales, the other reads them)."""
   from evolq_jax.calibrate import calibrate
+  from evolq_jax.qparams import load_qparams, save_qparams
   cfg, qcfg, params, data = bundled_fixture("W8A8", 100)
-  acts = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False).acts
-  return cfg, qcfg, params, acts, data["test"][0][:500]
+  root = _session_root(tmp_path_factory)
+  path = root / "fixture_acts.safetensors"
+  with _session_lock(root, "fixture_acts"):
+    if not path.exists():
+      save_qparams(str(path), calibrate(cfg, qcfg, params, data["calib"], 100, progress=False))
+  return cfg, qcfg, params, load_qparams(str(path)).acts, data["test"][0][:500]
 
 
 def small_fixture_vit():
@@ -227,14 +249,10 @@ def fixture_run(tmp_path_factory):
   session: under xdist the first worker to ask builds it under a lock in the
   session's base folder, the other waits and reads it. Tests copy it before
   they change anything. Built with the network blocked: a run needs none."""
-  import contextlib
-  import fcntl
   import io
-  base = tmp_path_factory.getbasetemp()
-  root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  root = _session_root(tmp_path_factory)
   workdir, out_file = root / "fixture_run", root / "fixture_run.stdout"
-  with open(root / "fixture_run.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with _session_lock(root, "fixture_run"):
     if not out_file.exists():
       shutil.rmtree(workdir, ignore_errors=True)
       from evolq_jax.cli import main

@@ -65,10 +65,12 @@ def _result(proc, timeout=600):
 
 
 def test_two_processes_search_like_one():
+  # one process, one device: this one, first, so that the two read its calibration program
+  # from the compilation cache (the search's programs differ: theirs are sharded)
+  one = _worker(0, 1, 0)
   port = _free_port()
   procs = [_start(i, 2, port) for i in range(2)]
   try:
-    one = _worker(0, 1, 0)  # one process: this one, while the two run
     results = [_result(p) for p in procs]
   finally:
     for p in procs:
