@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -27,15 +28,26 @@ COMMON = ["quant.recipe='fqvit'", "calib.num_images=200", "search.loss_batch=100
           "search.units=(-2,-1)"]
 
 
+@functools.lru_cache(maxsize=1)
+def _calibrated():
+  """The runs' common start (COMMON: the same model, images and recipe), calibrated once
+  per process, without evaluating. -> (cfg, qcfg, params, calibration images, QParams)."""
+  from evolq_jax.config import quant_config
+  from evolq_jax.pipeline import calibrate_on_split, load_model
+  c = apply_overrides(load_config(CONFIG), COMMON)
+  qcfg = quant_config(c)
+  cfg, params = load_model(c)
+  calib, _, qparams = calibrate_on_split(c, cfg, qcfg, params, progress=False)
+  return cfg, qcfg, params, calib, qparams
+
+
 def pinned_run(name: str) -> dict:
   """-> flat {key: array} of one run's fitness history and final QParams."""
   from evolq_jax.config import quant_config, search_config
-  from evolq_jax.pipeline import calibrate_on_split, load_model
   from evolq_jax.search import search
   c = apply_overrides(load_config(CONFIG), COMMON + RUNS[name])
-  qcfg = quant_config(c)
-  cfg, params = load_model(c)
-  calib, _, qparams = calibrate_on_split(c, cfg, qcfg, params, progress=False)  # no evaluation
+  cfg, qcfg, params, calib, qparams = _calibrated()
+  assert quant_config(c) == qcfg  # RUNS change the search only
   result = search(cfg, qcfg, params, qparams, calib, search_config(c), seed=c.seed,
                   progress=False)
   out = {"fitness": np.asarray([[h["best"], h["gen_min"], h["gen_mean"]]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 from conftest import bundled_fixture
 
-from evolq_jax.calibrate import calibrate
+from evolq_jax.calibrate import same_activations, weights_for
 from evolq_jax.export import build_export, unpack_codes
 from evolq_jax.integer import int_logits
 from evolq_jax.models import quantized_logits
 from evolq_jax.pipeline import predict
+from evolq_jax.qparams import QParams
 from evolq_jax.quant import adaround
 from evolq_jax.quant.uniform import quantize
 from evolq_jax.search import SearchConfig, engine, search
@@ -23,9 +24,12 @@ ITERS = 200
 
 
 @pytest.fixture(scope="module")
-def fixture():
-  cfg, qcfg, params, data = bundled_fixture("W3A8", 100)  # one calibration batch
-  qparams = calibrate(cfg, qcfg, params, data["calib"], 100, progress=False)
+def fixture(fixture_acts):
+  """The bundled fixture at W3A8: its activations are conftest.fixture_acts' (the same 100
+  calibration images and activation recipe), its weights calibrated here."""
+  cfg, qcfg, params, data = bundled_fixture("W3A8", 100)
+  assert same_activations(qcfg, fixture_acts[1])
+  qparams = weights_for(params, qcfg, QParams(weights={}, acts=fixture_acts[3]))
   return cfg, qcfg, params, jnp.asarray(data["calib"]), qparams, data["test"][0][:300]
 
 
