@@ -24,7 +24,9 @@ from evolq_jax.search.bits import BitsConfig, Problem, choose_bits, fake_quant_a
 from evolq_jax.search.fitness import reference_logits
 
 CFG = small_fixture_vit()  # the fixture ViT with 2 blocks, a registered preset
-N = 64
+# the mixed run's sizes below (100 calibration images, loss batches of 50): the calibration
+# and the scoring programs of the checks and of the run are the same programs
+N, LB = 100, 50
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -52,7 +54,7 @@ def test_population_equals_a_loop_of_full_forwards(setup):
   with jax.enable_x64(True):  # no float reassociation across grid boundaries (3-bit steps)
     f64 = lambda t: jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float64)), t)  # noqa
     params, x, fp_ref, acts = f64(params), f64(x), f64(fp_ref), f64(qparams.acts)
-    bcfg = BitsConfig(w_budget=8, images=N, loss_batch=32, chunk=2)
+    bcfg = BitsConfig(w_budget=8, images=N, loss_batch=LB, chunk=2)
     problem = Problem(CFG, qcfg, bcfg, params, acts, x, fp_ref)
     rng = np.random.default_rng(0)
     pop = rng.integers(0, len(bcfg.choices), (3, len(problem.paths)))
@@ -62,12 +64,12 @@ def test_population_equals_a_loop_of_full_forwards(setup):
       q = dataclasses.replace(qcfg, layer_bits=res.rules(qcfg.w_bits))
       wq = calibrate_weights(params, q.w_spec, "minmax", q.weight_rules)
       logits = quantized_logits(CFG, q, params, QParams(wq, acts), x)
-      assert float(batched_loss("infonce", logits, fp_ref, 32)) == pytest.approx(fit, rel=1e-9)
+      assert float(batched_loss("infonce", logits, fp_ref, LB)) == pytest.approx(fit, rel=1e-9)
 
 
 def test_the_budget_holds_and_the_tournament_keeps_the_best(setup):
   qcfg, params, x, qparams, fp_ref = setup
-  bcfg = BitsConfig(w_budget=4.5, images=N, loss_batch=32, generations=3, popsize=4, pool=4)
+  bcfg = BitsConfig(w_budget=4.5, images=N, loss_batch=LB, generations=3, popsize=4, pool=4)
   deltas = {}  # the sensitivity table, shared by the fill and the seeded tournament
   run = lambda **kw: choose_bits(CFG, qcfg, dataclasses.replace(bcfg, **kw), params,  # noqa: E731
                                  qparams.acts, x, fp_ref, progress=False, deltas=deltas)

@@ -148,7 +148,9 @@ def test_search_command_outputs_and_resume_guard(fixture_run, tmp_path, capsys):
 def test_bundled_fixture_w8a8_stays_close_to_fp(tmp_path):
   """The trained fixture: W8A8 after FQ-ViT calibration keeps FP's accuracy."""
   rc = main(["eval", "--config", "configs/fixture_w8a8.py", "--workdir", str(tmp_path),
-             "--set", "eval.limit=1000", "--set", "calib.num_images=100"])  # one batch
+             "--set", "eval.limit=1000", "--set", "eval.batch_size=50",
+             "--set", "calib.num_images=50", "--set", "calib.batch_size=50"])  # the shared
+  # run's shapes (conftest.FIXTURE_RUN_SETS): its calibration and FP forward programs
   assert rc == 0
   s = json.loads((tmp_path / "summary.json").read_text())
   assert s["fp_top1"] > 85.0  # the checkpoint is the trained one
