@@ -171,8 +171,9 @@ def _session_lock(root, name: str):
 def fixture_acts(tmp_path_factory):
   """The bundled fixture (W8A8 recipe), its activations calibrated once on 100 images (they
   do not depend on the weights' settings), and 500 test images:
-  -> (cfg, QuantConfig, params, acts, images). For test_export and test_onnx (under xdist
-  the first worker calibrates and saves the scales, the other reads them)."""
+  -> (cfg, QuantConfig, params, acts, images). For test_export, test_onnx and
+  test_reconstruct (under xdist the first worker calibrates and saves the scales, the other
+  reads them)."""
   from evolq_jax.calibrate import calibrate
   from evolq_jax.qparams import load_qparams, save_qparams
   cfg, qcfg, params, data = bundled_fixture("W8A8", 100)

@@ -91,7 +91,7 @@ def test_population_equals_a_loop_and_the_full_forward(family):
   = the full forward with the candidate's scales, in float64. Without PTF: a
   residual quantized by PTF and then by a uniform point on the same range puts
   values exactly on half steps, where programs that sum in another order may
-  round apart (LeViT's postblocks). The PTF points keep their full range, one scale."""
+  round apart (LeViT's postblocks). The PTF points get one scale each, their largest."""
   cfg, params, x, qparams = family
   qcfg, qparams = without_ptf(QCFG, qparams)
   unit = _richest_unit(cfg)
