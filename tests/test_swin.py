@@ -1,8 +1,9 @@
 """Swin Transformer: parity with timm on random (perturbed) weights, the
 converter (timm and original checkpoints, presets' shapes, safetensors), the
 FQ-ViT layout (test_families checks the quantized modes, the prefix forward and
-the population fitness on every family). `evolq search` end to end on a registered non-ViT preset and generated
-JPEGs is tests/test_levit.py's (the CLI is the same for every family)."""
+the population fitness on every family). `evolq search` end to end on a registered
+non-ViT preset and generated JPEGs is tests/test_levit.py's (the CLI is the same for
+every family)."""
 import dataclasses
 
 import jax
