@@ -55,6 +55,10 @@ def test_prefix_then_suffix_is_the_full_forward(family):
     return [run(b, h) for b, h in enumerate(starts)], run(1, starts[1], 3) if n >= 3 else None
 
   logits, middle = forwards(fq, qparams.acts, starts)
+  fp = np.asarray(fitness.fp_forward(cfg, params, x))  # the quantized model is finite, and
+  # neither the FP model nor far from it
+  assert np.all(np.isfinite(logits[0]))
+  assert 0 < np.max(np.abs(logits[0] - fp)) < np.max(np.abs(fp))
   for b in range(1, n + 1):
     np.testing.assert_allclose(logits[b], logits[0], atol=1e-5, err_msg=f"unit {b}")
   if n >= 3:  # a middle range composes too

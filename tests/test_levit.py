@@ -201,7 +201,7 @@ def test_levit_units_without_a_selected_layer_are_skipped():
 
 # ------------------------------------------------------------------------ CLI --
 
-def _image_folder(root, per_class=2, classes=1000):
+def _image_folder(root, per_class, classes):
   """train/ and validation/ with 2 of `classes` classes (classes.txt lists them all)."""
   from PIL import Image
   rng = np.random.default_rng(0)

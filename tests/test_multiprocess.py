@@ -45,7 +45,8 @@ def _worker(process_id: int, processes: int, port: int) -> dict:
     scfg = SearchConfig(passes=1, generations=2, children=5, loss_batch=12, devices=0)
     r = search(cfg, qcfg, params, qparams, x, scfg, seed=1, progress=False)
   return json.loads(json.dumps({
-      "process": jax.process_index(), "devices": len(jax.devices()), "final": r.fitness_final, "history": r.history,
+      "process": jax.process_index(), "devices": len(jax.devices()),
+      "final": r.fitness_final, "history": r.history,
       "qparams": [np.asarray(a).tolist() for a in jax.tree.leaves(r.qparams)]}))
 
 

@@ -35,6 +35,11 @@ from evolq_jax.search import sharding
 from evolq_jax.search.space import replace_leaf, set_scales
 
 
+# The batch of every whole-model and prefix forward the search runs, and the pipeline's
+# evaluation: one batch shape, one compiled program each.
+FORWARD_BATCH = 100
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _prefix(cfg, qcfg, unit, fq_params, acts, images):
   return model_for(cfg, "quant", qcfg).apply({"params": fq_params}, images, acts,
@@ -64,7 +69,7 @@ def in_batches(fn, images, batch_size):
 
 
 def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: int,
-                       batch_size: int = 100):
+                       batch_size: int = FORWARD_BATCH):
   """Quantized activations entering unit `unit` (images if unit == 0)."""
   if unit == 0:
     return jnp.asarray(images)
@@ -73,7 +78,7 @@ def prefix_activations(cfg, qcfg: QuantConfig, params, qparams, images, unit: in
                         images, batch_size)
 
 
-def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100):
+def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = FORWARD_BATCH):
   """prefix_activations from unit_inputs' (seg, layout, arrays): the quantized params
   and the segment's stacks built for scoring, not built again."""
   seg, _, a = inputs
@@ -92,7 +97,6 @@ def segment_prefix(cfg, qcfg: QuantConfig, inputs, images, batch_size: int = 100
 # these two functions, by default in batches of FORWARD_BATCH images, so that they share
 # one compiled program per config and batch shape (a real model's full forward takes
 # seconds to compile).
-FORWARD_BATCH = 100
 fp_forward = jax.jit(fp_logits, static_argnums=0)
 quantized_forward = jax.jit(quantized_logits, static_argnums=(0, 1))
 

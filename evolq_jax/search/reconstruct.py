@@ -37,7 +37,7 @@ from flax import traverse_util
 from evolq_jax.models.forward import act_rules, model_for, quantize_params, units
 from evolq_jax.quant import adaround
 from evolq_jax.quant.weights import bias_correction_affine, quantize_kernel
-from evolq_jax.search.fitness import in_batches, segment_prefix, unit_inputs
+from evolq_jax.search.fitness import FORWARD_BATCH, in_batches, segment_prefix, unit_inputs
 from evolq_jax.search.space import SearchSpace, get_path, replace_leaf
 
 P_NORM = 2.4        # BRECQ / QDrop: the reconstruction loss's L_p
@@ -175,7 +175,7 @@ def _eval_loss(cfg, qcfg, unit, kernels, act_points, theta, base, x, y, batch=32
 
 
 def reconstruct_unit(cfg, qcfg, scfg, params, qparams, images, unit: int, key,
-                     on_chunk=None, batch_size: int = 100):
+                     on_chunk=None, batch_size: int = FORWARD_BATCH):
   """Learn unit `unit`'s rounding (and step sizes). qparams must hold a "rounding"
   entry per layer (adaround.with_rounding). -> (qparams, record, steps)."""
   first, last = unit_range(cfg, unit)
