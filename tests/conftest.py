@@ -215,6 +215,17 @@ def tiny_config(family: str):
   return dataclasses.replace(base, name=f"{family}_tiny_test", num_classes=10, **sizes)
 
 
+def tiny_qcfg():
+  """The recipe the tiny presets are quantized with (test_families, test_onnx, the LeViT
+  CLI test: one calibration program per family for all three): the reference's layout and
+  weights (PTF, bias correction) at W4A8, with min/max activation ranges. OMSE's shrink
+  ratios per point would add seconds of compiling and running a calibration that no check
+  on random weights reads (test_quant and the fixture runs check OMSE)."""
+  import dataclasses
+  from evolq_jax.quant.recipe import QuantConfig, reference_init
+  return dataclasses.replace(reference_init(QuantConfig(w_bits=4, a_bits=8)), a_observer="minmax")
+
+
 # The one finished tiny `evolq search` of the bundled fixture (W3A8) that the
 # tests of a finished run read: its outputs and --resume (test_pipeline), export
 # (test_export), kills and corrupt checkpoints (test_faults, whose killed runs

@@ -8,7 +8,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import check_population_fitness, tiny_config, without_ptf
+from conftest import check_population_fitness, tiny_config, tiny_qcfg, without_ptf
 from flax import traverse_util
 
 from evolq_jax.calibrate import calibrate
@@ -17,11 +17,11 @@ from evolq_jax.models import calibration_stats, init_params, quantize_params
 from evolq_jax.models.forward import act_rules, model_for, units
 from evolq_jax.models.segments import segments
 from evolq_jax.models.registry import FAMILIES
-from evolq_jax.quant.recipe import QuantConfig, reference_init, rule_for
+from evolq_jax.quant.recipe import rule_for
 from evolq_jax.search import fitness, prefix_activations
 
 N, LB = 8, 4  # images; loss batch of the population check
-QCFG = reference_init(QuantConfig(w_bits=4, a_bits=8))
+QCFG = tiny_qcfg()
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))

@@ -227,7 +227,8 @@ def test_levit_search_command_end_to_end(tmp_path, capsys):
   sets = ["checkpoint=random", "data.source=image_folder", f"data.dir={tmp_path / 'data'}",
           "calib.num_images=8", "calib.batch_size=8", "eval.limit=8", "eval.batch_size=8",
           "holdout.num_images=8", "search.passes=2", "search.generations=1",
-          "search.children=1", "search.loss_batch=4", "search.layers=('qkv',)"]
+          "search.children=1", "search.loss_batch=4", "search.layers=('qkv',)",
+          "quant.a_observer=minmax"]  # conftest.tiny_qcfg
   args = ["search", "--config", f"configs/imagenet.py:{cfg.name},W4A8", "--workdir",
           str(tmp_path / "run")]
   assert main(args + sum([["--set", s] for s in sets], [])) == 0, capsys.readouterr().err

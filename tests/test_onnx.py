@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import tiny_config, tiny_qcfg
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.export import build_export
@@ -17,7 +17,6 @@ from evolq_jax.models import init_params
 from evolq_jax.models.registry import FAMILIES
 from evolq_jax.pipeline import predict
 from evolq_jax.qparams import QParams
-from evolq_jax.quant.recipe import QuantConfig, reference_init
 from evolq_jax.quant.weights import calibrate_weights
 
 onnx = pytest.importorskip("onnx")
@@ -35,7 +34,7 @@ def test_every_family_exports_and_runs(family, recipe):
   params = init_params(cfg, jax.random.key(0))
   images = np.asarray(jax.random.normal(jax.random.key(1), (16, cfg.img_size, cfg.img_size,
                                                             cfg.in_chans)))
-  qcfg = reference_init(QuantConfig(w_bits=4, a_bits=8))
+  qcfg = tiny_qcfg()
   if recipe != "reference W4A8":
     qcfg = dataclasses.replace(qcfg, w_bits=3, log2_softmax=True, ptf=False)
   # one batch of 8, as test_families calibrates the same tiny model: one program
