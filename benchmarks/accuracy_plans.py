@@ -121,7 +121,7 @@ CIFAR10_PLAN = [
     (("HARD", "W3A8"), ("evolq-mse", "evolq-kl", "evolq-cosine", "evolq-infonce-acts")),
     (("HARD", "W3A8"), ("evolq-infonce-4x", "sep-cma-es-eq-4x")),
     (("HARD",), ("grad-adam-cosine",)),
-    (("HARD", "W4A4"), ("adaround", "adaround-qdrop")),
+    (("HARD", "W4A4"), ("adaround", "adaround-qdrop", "adaround-qdrop-ends8")),
     (("HARD",), tuple(STACKED)),
 ]
 CIFAR10_CURVES = {(s, m) for s in ("W3A8", "HARD")

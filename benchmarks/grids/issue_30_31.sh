@@ -12,10 +12,14 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
   --methods uniform sensitivity random evolq --seeds 0 --set $SMALL
 "$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
   --methods uniform sensitivity evolq --seeds 0 1 --set $SMALL
-# reconstruction on the CIFAR-10 ViT's hard setting (W3A4), at its default 1,000 steps a unit
+# reconstruction on the CIFAR-10 ViT's hard setting (W3A4), at its default 1,000 steps a
+# unit, 3 seeds; then the papers' layout (8-bit first and last layers) at seed 0
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
-  --seeds 0 --settings HARD --only adaround-qdrop adaround --resume
+  --seeds 0 1 2 --settings HARD --only adaround-qdrop adaround --resume
+"$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
+  --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
+  --seeds 0 --settings HARD --only adaround-qdrop-ends8 --resume
 # then W4A4, and the two stacked in either order on W3A4 (accuracy_plans.STACKED)
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
