@@ -44,7 +44,9 @@ def test_traced_widths_quantize_as_the_static_ones(bits, signed):
 def setup():
   params = init_params(CFG, jax.random.key(0))
   x = jnp.asarray(jax.random.normal(jax.random.key(1), (N, 28, 28, 1)))
-  qcfg = QuantConfig(w_bits=4, a_bits=8)
+  # min/max activation ranges, in the mixed run too (OMSE's shrink search would compile and
+  # run for seconds on ranges that no check here reads)
+  qcfg = QuantConfig(w_bits=4, a_bits=8, a_observer="minmax")
   qparams = calibrate(CFG, qcfg, params, x, batch_size=N, progress=False)
   return qcfg, params, x, qparams, reference_logits(CFG, params, x)
 
@@ -119,7 +121,8 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
              "--set", "bits.w_budget=3.5", "--set", "bits.generations=2",
              "--set", "bits.popsize=4", "--set", "bits.pool=4", "--set", "bits.images=100",
              "--set", "bits.start='random'",  # no sensitivity table: 105 fewer scorings
-             "--set", "calib.num_images=100", "--set", "eval.limit=100",
+             "--set", "calib.num_images=100", "--set", "quant.a_observer='minmax'",
+             "--set", "eval.limit=100",
              "--set", "search.passes=1", "--set", "search.generations=1",
              "--set", "search.units=(-1,)", "--set", "search.loss_batch=50"])
   assert rc == 0
@@ -131,7 +134,7 @@ def test_a_mixed_run_records_its_widths_and_exports_them(tmp_path):
   from evolq_jax.pipeline import load_data, load_model
   c = bits_config("W4A8", CFG.name, checkpoint="random", **{"calib.num_images": 100})
   cfg, params = load_model(c)
-  qcfg = dataclasses.replace(quant_config(c),
+  qcfg = dataclasses.replace(quant_config(c), a_observer="minmax",
                              layer_bits=tuple(map(tuple, s["quant"]["layer_bits"])))
   qparams = load_qparams(str(tmp_path / "qparams.safetensors"))
   export = build_export(cfg, qcfg, params, qparams)
