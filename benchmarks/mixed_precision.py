@@ -10,10 +10,11 @@ and what top-1 each method buys at each size.
 A cell is (bed, activation bits, budget, method, seed): the method chooses the
 widths (search/bits.py) on the calibration images; the model is recalibrated
 at them and evaluated on the bed's test images ("init"); then each --after
-method (a scale search or the reconstruction, at --after-budget) runs at those
+method (a scale search or the reconstruction, at its AFTER budget) runs at those
 widths and is evaluated too. uniform and sensitivity are deterministic and run
-once. Resumable: the JSON is rewritten after every cell and finished cells are
-skipped.
+once. Resumable: the JSON is rewritten after every cell and every after-method;
+finished cells are skipped, and a finished cell that lacks an --after method
+runs it at its recorded widths.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from evolq_jax.pipeline import load_data, load_model, predict
 from evolq_jax.qparams import QParams
 from evolq_jax.quant.weights import calibrate_weights
 from evolq_jax.search import calibration_fitness, reference_logits, search
-from evolq_jax.search.bits import METHODS, BitsConfig, choose_bits
+from evolq_jax.search.bits import METHODS, BitsConfig, choose_bits, width_rules
 
 BEDS = {  # name -> (config, activation settings, budgets, test limit)
     "lite0": ("configs/efficientnet_lite0.py:W4A8", (8,), (3.5, 4.5, 6.0), 0),
@@ -46,6 +47,9 @@ LABELS = {"evolq": {"method": "evolq", "start": "random"},
           "evolq-seeded": {"method": "evolq", "start": "sensitivity"}}
 # the scale search / reconstruction run at the chosen widths, at a budget that fits 2 cores
 AFTER = {"adaround": {"strategy": "adaround", "recon_iters": 500},
+         # the Lite0 reconstruction rows' budget (the accuracy grid: 200 steps of 16 images)
+         "adaround-qdrop": {"strategy": "adaround", "qdrop": True, "recon_acts": True,
+                            "recon_iters": 200, "recon_batch": 16},
          "adam": {"strategy": "adam", "passes": 2, "generations": 10, "lr": 0.3,
                   "lr_schedule": "cosine"},
          "evolq": {"passes": 2, "generations": 3}}
@@ -87,24 +91,38 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
   images, fp_ref = calib[:bcfg.images], ctx["fp_calib"][:bcfg.images]
   chosen = choose_bits(cfg, ctx["qcfg"], bcfg, params, ctx["acts"], images, fp_ref, seed=seed,
                        progress=False, deltas=ctx["deltas"])
-  qcfg = dataclasses.replace(ctx["qcfg"], layer_bits=chosen.rules(ctx["qcfg"].w_bits))
-  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules),
-                    ctx["acts"])
+  qcfg, qparams = _at_widths(ctx, chosen.bits)
   record = {"bed": bed, "a_bits": a_bits, "budget": budget, "seed": seed,
             **{k: v for k, v in chosen.to_json().items() if k != "history"},
             "method": method, "start": bcfg.start if bcfg.method == "evolq" else None,
             "history": chosen.history if method != "sensitivity" else [],
             "init_top1": _top1(ctx, qcfg, qparams), "after": {}}
   for name in after:
-    scfg = dataclasses.replace(search_config(c), **AFTER[name])
-    t = time.time()
-    r = search(cfg, qcfg, params, qparams, calib, scfg, seed=seed, progress=False)
-    record["after"][name] = {"top1": _top1(ctx, qcfg, r.qparams), "seconds": time.time() - t,
-                             "steps_or_candidates": r.candidates,
-                             "calibration_fitness": calibration_fitness(
-                                 cfg, qcfg, params, r.qparams, calib, ctx["fp_calib"], scfg),
-                             "settings": AFTER[name]}
+    run_after(ctx, record, name)
   return record
+
+
+def _at_widths(ctx, bits: dict):
+  """The bed's recipe at a width per layer, and its weights recalibrated at them."""
+  qcfg = dataclasses.replace(ctx["qcfg"], layer_bits=width_rules(bits, ctx["qcfg"].w_bits))
+  wq = calibrate_weights(ctx["params"], qcfg.w_spec, qcfg.w_observer, qcfg.weight_rules)
+  return qcfg, QParams(wq, ctx["acts"])
+
+
+def run_after(ctx, record, name: str) -> None:
+  """The scale search or reconstruction `name` (AFTER) from the record's widths, its
+  top-1 and cost into record["after"][name]."""
+  c, cfg, params, calib = ctx["c"], ctx["cfg"], ctx["params"], ctx["data"]["calib"]
+  qcfg, qparams = _at_widths(ctx, record["bits"])
+  scfg = dataclasses.replace(search_config(c), **AFTER[name])
+  load, t = os.getloadavg(), time.time()
+  r = search(cfg, qcfg, params, qparams, calib, scfg, seed=record["seed"], progress=False)
+  record["after"][name] = {"top1": _top1(ctx, qcfg, r.qparams), "seconds": time.time() - t,
+                           "steps_or_candidates": r.candidates,
+                           "calibration_fitness": calibration_fitness(
+                               cfg, qcfg, params, r.qparams, calib, ctx["fp_calib"], scfg),
+                           "settings": AFTER[name], "load_at_start": list(load),
+                           "git_commit": git_commit()}
 
 
 def summary(runs: list) -> dict:
@@ -261,23 +279,31 @@ def main(argv=None):
     write(payload)
     return
   _, a_settings, budgets, _ = BEDS[args.bed]
-  done = {_key(r) for r in payload["runs"]}
+  done = {_key(r): r for r in payload["runs"]}
   for a_bits in args.a_bits or a_settings:
     ctx = None
     for budget in args.budgets or budgets:
       for method in args.methods:
+        after = args.after if method != "random" else []
         for seed in ([0] if method in DETERMINISTIC else args.seeds):
-          if (args.bed, a_bits, budget, method, seed) in done:
+          old = done.get((args.bed, a_bits, budget, method, seed))
+          if old is not None and all(name in old["after"] for name in after):
             continue
           if ctx is None:
             ctx = context(args.bed, a_bits)
             apply_overrides(ctx["c"], args.set)
             payload["fp_top1"][f"{args.bed}_a{a_bits}"] = ctx["fp_top1"]
             payload.setdefault("sizes", {}).update(_sizes(ctx["params"]))
+          if old is not None:  # a finished cell: the after-methods it lacks, at its widths
+            for name in [n for n in after if n not in old["after"]]:
+              run_after(ctx, old, name)
+              write(payload)
+              print(f"{args.bed} A{a_bits} {budget:g} {method} seed {seed} + {name}: "
+                    f"{old['after'][name]['top1']:.2f}", flush=True)
+            continue
           load = os.getloadavg()
           t = time.time()
-          rec = run_cell(ctx, args.bed, a_bits, budget, method, seed,
-                         args.after if method != "random" else [])
+          rec = run_cell(ctx, args.bed, a_bits, budget, method, seed, after)
           rec.update({"wall_seconds": time.time() - t, "load_at_start": list(load),
                       "git_commit": git_commit()})
           payload["runs"].append(rec)

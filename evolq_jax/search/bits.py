@@ -99,6 +99,12 @@ class BitsConfig:
     return self.w_budget > 0
 
 
+def width_rules(bits: dict, w_bits: int) -> tuple:
+  """QuantConfig.layer_bits for a width per layer ('/'-joined path -> bits; a
+  BitsResult's, or one a summary recorded): the layers not at `w_bits`."""
+  return tuple((re.escape(p), b) for p, b in sorted(bits.items()) if b != w_bits)
+
+
 @dataclasses.dataclass
 class BitsResult:
   """The chosen width per layer ('/'-joined path -> bits) and what it costs."""
@@ -115,7 +121,7 @@ class BitsResult:
 
   def rules(self, w_bits: int) -> tuple:
     """QuantConfig.layer_bits for these widths (the layers not at `w_bits`)."""
-    return tuple((re.escape(p), b) for p, b in sorted(self.bits.items()) if b != w_bits)
+    return width_rules(self.bits, w_bits)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
