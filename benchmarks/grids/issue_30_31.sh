@@ -12,6 +12,10 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
   --methods uniform sensitivity random evolq --seeds 0 --set $SMALL
 "$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
   --methods uniform sensitivity evolq --seeds 0 1 --set $SMALL
+# reconstruction (with QDrop, the Lite0 rows' 200 steps of 16 images a unit) at the
+# sensitivity fill's widths under 4.5 bits, Lite0's best at init
+"$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 4.5 --methods sensitivity \
+  --seeds 0 --after adaround-qdrop --set $SMALL
 # reconstruction on the CIFAR-10 ViT's hard setting (W3A4), at its default 1,000 steps a
 # unit, 3 seeds; then the papers' layout (8-bit first and last layers) at seed 0
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
