@@ -98,7 +98,7 @@ def run_cell(ctx, bed, a_bits, budget, method, seed, after):
             "history": chosen.history if method != "sensitivity" else [],
             "init_top1": _top1(ctx, qcfg, qparams), "after": {}}
   for name in after:
-    run_after(ctx, record, name)
+    run_after(ctx, record, name, qcfg, qparams)
   return record
 
 
@@ -109,11 +109,10 @@ def _at_widths(ctx, bits: dict):
   return qcfg, QParams(wq, ctx["acts"])
 
 
-def run_after(ctx, record, name: str) -> None:
-  """The scale search or reconstruction `name` (AFTER) from the record's widths, its
-  top-1 and cost into record["after"][name]."""
+def run_after(ctx, record, name: str, qcfg, qparams) -> None:
+  """The scale search or reconstruction `name` (AFTER) from the record's widths (qcfg,
+  qparams: _at_widths of them), its top-1 and cost into record["after"][name]."""
   c, cfg, params, calib = ctx["c"], ctx["cfg"], ctx["params"], ctx["data"]["calib"]
-  qcfg, qparams = _at_widths(ctx, record["bits"])
   scfg = dataclasses.replace(search_config(c), **AFTER[name])
   load, t = os.getloadavg(), time.time()
   r = search(cfg, qcfg, params, qparams, calib, scfg, seed=record["seed"], progress=False)
@@ -295,8 +294,9 @@ def main(argv=None):
             payload["fp_top1"][f"{args.bed}_a{a_bits}"] = ctx["fp_top1"]
             payload.setdefault("sizes", {}).update(_sizes(ctx["params"]))
           if old is not None:  # a finished cell: the after-methods it lacks, at its widths
+            at = _at_widths(ctx, old["bits"])
             for name in [n for n in after if n not in old["after"]]:
-              run_after(ctx, old, name)
+              run_after(ctx, old, name, *at)
               write(payload)
               print(f"{args.bed} A{a_bits} {budget:g} {method} seed {seed} + {name}: "
                     f"{old['after'][name]['top1']:.2f}", flush=True)
