@@ -59,11 +59,7 @@ def mixed_bits_config(c) -> BitsConfig:
   """The run's bits.* section (c.bits; runs recorded before it have none: off)."""
   if "bits" not in c:
     return BitsConfig()
-  b = BitsConfig(**c.bits.to_dict())
-  if b.on and c.quant.keep_ends_8bit:
-    raise ValueError("bits.w_budget and quant.keep_ends_8bit are both set: the bit search "
-                     "chooses every layer's width; drop one.")
-  return b
+  return BitsConfig(**c.bits.to_dict())
 
 
 def load_config(spec: str):

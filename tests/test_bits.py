@@ -16,10 +16,11 @@ from evolq_jax.config import QuantConfig
 from evolq_jax.export import build_export
 from evolq_jax.integer import int_logits
 from evolq_jax.losses import batched_loss
-from evolq_jax.models import init_params, quantized_logits
+from evolq_jax.models import init_params, quantized_logits, resolve_quant
 from evolq_jax.qparams import QParams, load_qparams
 from evolq_jax.quant.bits import BitSpec
 from evolq_jax.quant.weights import calibrate_weights, quantize_kernel
+from evolq_jax.search import bits as bits_lib
 from evolq_jax.search.bits import BitsConfig, Problem, choose_bits, fake_quant_at
 from evolq_jax.search.fitness import reference_logits
 
@@ -95,6 +96,33 @@ def test_the_budget_holds_and_the_tournament_keeps_the_best(setup):
   assert from_random.evaluated == 4 + 3 * 4
   rand = run(method="random")
   assert rand.avg_bits <= 4.5
+
+
+def test_pinned_ends_keep_8_bits_and_count_in_the_budget(setup):
+  """quant.keep_ends_8bit with bits.w_budget: the patch embedding and the head stay at 8
+  bits, count in the average, and no mutation or repair moves them."""
+  qcfg, params, x, qparams, fp_ref = setup
+  ends = resolve_quant(CFG, dataclasses.replace(qcfg, keep_ends_8bit=True))
+  bcfg = BitsConfig(w_budget=4.5, images=N, loss_batch=LB, generations=1, popsize=4, pool=4,
+                    start="random")
+  problem = Problem(CFG, ends, bcfg, params, qparams.acts, x, fp_ref)
+  pinned = [i for i, p in enumerate(problem.paths) if p[0] in ("patch_embed", "head")]
+  assert len(pinned) == 2 and list(np.flatnonzero(~problem.free)) == pinned
+  rng = np.random.default_rng(0)
+  idx = np.zeros(len(problem.paths), int)  # choice index 0 (2 bits) everywhere
+  assert list(problem.widths(idx)[pinned]) == [8, 8]
+  for _ in range(50):
+    idx = bits_lib._mutate(problem, idx, rng)
+    assert problem.feasible(idx) and list(problem.widths(idx)[pinned]) == [8, 8]
+  res = choose_bits(CFG, ends, bcfg, params, qparams.acts, x, fp_ref, progress=False)
+  assert res.bits["patch_embed"] == res.bits["head"] == 8 and res.avg_bits <= 4.5
+  counts = dict(zip(["/".join(p) for p in problem.paths], problem.counts))
+  assert res.avg_bits == pytest.approx(
+      sum(counts[k] * b for k, b in res.bits.items()) / sum(counts.values()))
+  low = dataclasses.replace(bcfg, w_budget=2.0)
+  with pytest.raises(ValueError, match=r"bits.w_budget=2.0 is below the smallest average width, "
+                     r"2\.\d+: every searched layer at 2 bits with the pinned layers \(2,"):
+    Problem(CFG, ends, low, params, qparams.acts, x, fp_ref)
 
 
 def _kernels(params):

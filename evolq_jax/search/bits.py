@@ -26,7 +26,10 @@ Methods (`bits.method`):
                then a greedy fill by loss increase per bit saved;
   uniform      the widest single width within the budget;
   random       one random feasible assignment.
-The activations keep quant.a_bits (per-point activation widths are not built).
+Layers the recipe pins keep their width and count in the budget: the 8-bit first
+and last layers of quant.keep_ends_8bit (the papers' layout), and any layer that
+quant.layer_bits names. The activations keep quant.a_bits (per-point activation
+widths are not built).
 """
 from __future__ import annotations
 
@@ -174,6 +177,13 @@ def _population_loss(cfg, qcfg, paths, loss, temperature, loss_batch, chunk, wid
 
 # --- budgets and repair ----------------------------------------------------------
 
+def pinned_bits(qcfg, path) -> float:
+  """The width the recipe's weight rules (quant.keep_ends_8bit's ends, then
+  quant.layer_bits) give the layer at `path`, or NaN where no rule names it."""
+  name = "/".join(path)
+  return next((float(b) for p, b in qcfg.weight_rules if re.fullmatch(p, name)), np.nan)
+
+
 class Problem:
   """The layers, their sizes and MACs, the budget, and the jitted scorer."""
 
@@ -188,6 +198,10 @@ class Problem:
     macs = layer_macs(cfg)
     self.macs = np.array([macs.get(p, 0) for p in self.paths], np.float64)
     self.choices = np.array(bcfg.choices, np.float64)
+    # layers the recipe pins (quant.keep_ends_8bit's ends, quant.layer_bits): kept at
+    # their width, counted in the budget, never moved (NaN = chosen by the search)
+    self.pinned = np.array([pinned_bits(qcfg, p) for p in self.paths], np.float64)
+    self.free = np.isnan(self.pinned)
     n = min(bcfg.images, len(images))
     loss_batches(n, bcfg.loss_batch)  # enough images for one loss batch
     self.args = (params, channel_ranges(params, self.paths), acts, jnp.asarray(images[:n]),
@@ -198,13 +212,22 @@ class Problem:
 
   def _check_reachable(self):
     narrowest = np.zeros(len(self.paths), int)
+    if not np.any(self.free):
+      raise ValueError("bits.w_budget is set, but the recipe pins every layer's width "
+                       "(quant.layer_bits / quant.keep_ends_8bit): nothing is left to choose.")
+    pins = (f" with the pinned layers ({int(np.sum(~self.free))}, quant.keep_ends_8bit / "
+            "quant.layer_bits) at their widths" if not np.all(self.free) else "")
+    if self.avg_bits(narrowest) > self.bcfg.w_budget + 1e-9:
+      raise ValueError(f"bits.w_budget={self.bcfg.w_budget} is below the smallest average "
+                       f"width, {self.avg_bits(narrowest):.3f}: every searched layer at "
+                       f"{self.bcfg.choices[0]} bits{pins}. Raise it.")
     if not self.feasible(narrowest):
       raise ValueError(f"bits.bops_budget={self.bcfg.bops_budget} G is below the BOPs of every "
-                       f"layer at {self.bcfg.choices[0]} bits ({self.bops(narrowest):.3g} G): "
-                       "raise it.")
+                       f"layer at {self.bcfg.choices[0]} bits{pins} "
+                       f"({self.bops(narrowest):.3g} G): raise it.")
 
   def widths(self, idx) -> np.ndarray:
-    return self.choices[np.asarray(idx)]
+    return np.where(self.free, self.choices[np.asarray(idx)], self.pinned)
 
   def avg_bits(self, idx) -> float:
     return float(np.sum(self.widths(idx) * self.counts) / np.sum(self.counts))
@@ -220,7 +243,7 @@ class Problem:
     """Lower random layers (drawn by parameter count) one width until idx fits."""
     idx = np.array(idx, int)
     while not self.feasible(idx):
-      above = np.flatnonzero(idx > 0)
+      above = np.flatnonzero((idx > 0) & self.free)
       weight = self.counts[above] / np.sum(self.counts[above])
       idx[rng.choice(above, p=weight)] -= 1
     return idx
@@ -255,13 +278,14 @@ def uniform_index(problem: Problem) -> np.ndarray:
 
 
 def _mutate(problem: Problem, parent: np.ndarray, rng) -> np.ndarray:
-  """Each layer moves one width up or down with probability 2 / layers (at least
-  one moves), then the budget is repaired."""
-  n = len(parent)
+  """Each free layer moves one width up or down with probability 2 / free layers (at
+  least one moves), then the budget is repaired."""
+  free = np.flatnonzero(problem.free)  # the layers no rule pins
+  n = len(free)
   child = parent.copy()
   moved = rng.random(n) < 2.0 / n
   moved[rng.integers(n)] = True
-  child[moved] += rng.choice((-1, 1), int(moved.sum()))
+  child[free[moved]] += rng.choice((-1, 1), int(moved.sum()))
   return problem.repair(np.clip(child, 0, len(problem.choices) - 1), rng)
 
 
@@ -330,7 +354,7 @@ def sensitivity_deltas(problem: Problem) -> np.ndarray:
   widest (0 at the widest): (choices - 1) x L + 1 evaluations, budget-independent."""
   n, top = len(problem.paths), len(problem.choices) - 1
   base = np.full(n, top)
-  singles = [(i, c) for i in range(n) for c in range(top)]
+  singles = [(i, c) for i in np.flatnonzero(problem.free) for c in range(top)]
   pop = np.stack([base] + [np.where(np.arange(n) == i, c, base) for i, c in singles])
   fits = problem.score(pop)
   delta = np.zeros((n, top + 1))
@@ -347,13 +371,13 @@ def sensitivity(problem: Problem, delta=None) -> tuple:
   delta = sensitivity_deltas(problem) if delta is None else delta
   idx = np.full(n, top)
   while not problem.feasible(idx):
-    above = np.flatnonzero(idx > 0)
+    above = np.flatnonzero((idx > 0) & problem.free)
     cost = [(delta[i, idx[i] - 1] - delta[i, idx[i]])
             / (problem.counts[i] * (problem.choices[idx[i]] - problem.choices[idx[i] - 1]))
             for i in above]
     idx[above[int(np.argmin(cost))]] -= 1
   table = {"/".join(p): {int(problem.choices[c]): float(delta[i, c]) for c in range(top)}
-           for i, p in enumerate(problem.paths)}
+           for i, p in enumerate(problem.paths) if problem.free[i]}
   return idx, table
 
 
