@@ -323,6 +323,19 @@ def page(payload: dict) -> str:
                    f"{b64('jax_fp32')} | {b64('jax_integer')} | **{r['ort_int8_vs_fp32_b64']:.2f}×**"
                    f" | {b1('ort_int8')} | {b1('ort_fp32')} | {r['ort_int8_vs_fp32_b1']:.2f}× | "
                    f"{r['load_before']} → {r['load_after']} |")
+    if payload.get("speed_earlier"):
+      lines += ["", "Earlier runs of the same benchmark (the ratios move this much from run to "
+                "run on this machine):", "",
+                "| commit | model | batch 64 images/s: ORT int8 | ORT fp32 | JAX fp32 "
+                "| ORT int8 / fp32 (b64) | (b1) | load avg before |",
+                "|---|---|---|---|---|---|---|---|"]
+      for r in payload["speed_earlier"]:
+        ips = r.get("b64_images_per_s", {})
+        cells = " | ".join(f"{ips[m]:.1f}" if m in ips else "–"
+                           for m in ("ort_int8", "ort_fp32", "jax_fp32"))
+        lines.append(f"| {(r['git_commit'] or '?')[:7]} | {r['model']} | {cells} | "
+                     f"{r['ort_int8_vs_fp32_b64']:.2f}× | {r['ort_int8_vs_fp32_b1']:.2f}× | "
+                     f"{r['load_before']} |")
     lines += ["", "File sizes (bytes on disk): the ONNX files hold weights unpacked in int8 "
               "containers; the packed export (`evolq export`, .safetensors) holds 3/4-bit codes "
               "two per byte.", "", "| model | ONNX int8 | ONNX fp32 | packed export |",
@@ -341,6 +354,20 @@ def page(payload: dict) -> str:
       lines.append(f"- {r['model']}: {share}; integer kernels {p['integer_kernels']}; "
                    f"float {p['float_matmuls_convs'] or 'none'}.")
   return "\n".join(lines) + "\n"
+
+
+def earlier_speed(payload: dict) -> list:
+  """The ratios of the speed runs before this one (one row per model and run), kept
+  so that the page shows how much they move from run to run on this machine."""
+  rows = list(payload.get("speed_earlier", []))
+  for r in payload.get("speed", {}).values():
+    rows.append({"git_commit": payload.get("git_commit"), "model": r["model"],
+                 "ort_int8_vs_fp32_b64": r["ort_int8_vs_fp32_b64"],
+                 "ort_int8_vs_fp32_b1": r["ort_int8_vs_fp32_b1"],
+                 "b64_images_per_s": {m: r[m]["b64_images_per_s"] for m in
+                                      ("ort_int8", "ort_fp32", "jax_fp32")},
+                 "load_before": r["load_before"]})
+  return rows
 
 
 def write(payload: dict):
@@ -367,6 +394,7 @@ def main():
       payload.setdefault("parity", {})[case] = parity_case(case, log)
       write(payload)
   elif args.part == "speed":
+    payload["speed_earlier"] = earlier_speed(payload)
     with tempfile.TemporaryDirectory() as tmp:
       for key in args.models:
         payload.setdefault("speed", {})[key] = speed_model(key, tmp, args, log)
