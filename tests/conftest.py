@@ -198,14 +198,14 @@ def small_fixture_vit():
 
 def tiny_config(family: str):
   """A small random-weight preset of each registered family (shapes of the real
-  layout, sizes a test can run in seconds). ViT, LeViT and EfficientNet have
-  a shared segment of two units (models/segments.py); Swin's tiny stages do not."""
+  layout, sizes a test can run in seconds). Each has a shared segment of two units
+  (models/segments.py): Swin's is a shifted and an unshifted block of its first stage."""
   import dataclasses
   from evolq_jax.models.registry import FAMILIES
   base = FAMILIES[family].presets[0]
   sizes = {
       "vit": dict(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=3, num_heads=2),
-      "swin": dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(2, 1),
+      "swin": dict(img_size=16, patch_size=2, window_size=4, embed_dim=16, depths=(3, 1),
                    num_heads=(2, 4)),
       "levit": dict(img_size=64, embed_dim=(16, 24), key_dim=8, num_heads=(2, 3), depth=(1, 2)),
       "efficientnet": dict(img_size=32, head=64, stages=((1, 3, 1, 1, 32, 16),

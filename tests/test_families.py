@@ -78,10 +78,19 @@ def test_shared_programs_equal_the_full_forward(family):
   (test_prefix_then_suffix_is_the_full_forward checks the prefix it caches)."""
   cfg, params, x, qparams = family
   unit = _shared_unit(cfg)
-  if unit is None:
-    pytest.skip(f"{cfg.name}: no shared segment (its stages alternate window shifts)")
+  assert unit is not None, f"{cfg.name}: tiny_config gives it no shared segment"
   qcfg, qparams = without_ptf(QCFG, qparams)
   check_population_fitness(cfg, qcfg, (params, x, qparams), unit, LB, layers=("attn", "mlp"))
+
+
+@pytest.mark.parametrize("name,count", [
+    ("deit_tiny_patch16_224", 2), ("levit_128s", 6), ("efficientnet_lite0", 12),
+    ("swin_tiny_patch4_window7_224", 8), ("swin_base_patch4_window7_224", 8)])
+def test_the_real_presets_share_programs(name, count):
+  """Segments (compiled programs shared) of the real presets: a Swin stage's blocks after
+  its first are one segment, its alternating window shift traced (12 and 24 units)."""
+  from evolq_jax.models import get_preset
+  assert len(segments(get_preset(name))) == count
 
 
 def _richest_unit(cfg) -> int:

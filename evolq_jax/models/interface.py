@@ -124,6 +124,10 @@ class Family:
   # cfg -> one key per unit: equal keys = the same function of the unit's own subtrees,
   # so consecutive ones share compiled programs (segments.py); None = a unit of its own
   unit_kinds: Optional[Callable] = None
+  # (cfg, representative unit, position (traced int32)) -> extra keyword arguments of the
+  # module's call that runs one unit of a shared segment: what its units' keys leave to
+  # the position (a Swin block's window shift alternates); None = none
+  segment_kwargs: Optional[Callable] = None
   # patterns of its first and last quantized layers (the stem or patch embedding, the
   # classifier heads): what QuantConfig.keep_ends_8bit keeps at 8-bit weights
   end_layers: tuple = ()

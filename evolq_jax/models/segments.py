@@ -22,7 +22,9 @@ its programs are the plain forward with the unit index static, as before.
 The contract a family signs with a key: a unit with a key reads only its
 own params and qparams subtrees (`Unit.path`), and units with equal keys give
 the same outputs when handed each other's subtrees (same structure, shapes,
-quantization rules and static settings such as a Swin block's window shift).
+quantization rules and static settings), up to what the family derives from the
+traced position (`Family.segment_kwargs`: a Swin stage's blocks alternate window
+shifts, so its blocks after the first are one segment, the shift a traced flag).
 """
 from __future__ import annotations
 
@@ -115,12 +117,13 @@ def run_segment(apply_unit, cfg, seg, x, stack_params, stack_acts, active):
   """x through the segment's units i (position i - start) for which active(position) is
   true, in order: one lax.scan, each step the representative's program under lax.cond.
 
-  apply_unit(params, acts, x) applies the representative to its local trees."""
+  apply_unit(params, acts, x, position) applies the representative to its local trees,
+  as the unit at `position`."""
   rep = family_of(cfg).units(cfg)[seg[0]].path
 
   def step(x, item):
     pos, p, a = item
-    x = jax.lax.cond(active(pos), lambda x: apply_unit(nest(rep, p), nest(rep, a), x),
+    x = jax.lax.cond(active(pos), lambda x: apply_unit(nest(rep, p), nest(rep, a), x, pos),
                      lambda x: x, x)
     return x, None
 

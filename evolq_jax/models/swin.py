@@ -32,6 +32,7 @@ import re
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -164,16 +165,24 @@ class SwinBlock(QuantPoint):
   mlp_hidden: int = 384
 
   @nn.compact
-  def __call__(self, x, aq=None):
+  def __call__(self, x, aq=None, shifted=None):
+    """shifted: None = shift by `shift` (0: not at all); a traced bool = shift by `shift`
+    where it is true (a shared segment's unit: models/segments.py), else not, with the
+    same values as the static choice."""
     _, res, _, _ = x.shape
     win, s, kw = self.window, self.shift, self.child_kw()
     h = self.qpoint("norm1_out", self.layer_norm(LN_EPS, "norm1")(x), aq)
-    h = jnp.roll(h, (-s, -s), axis=(1, 2)) if s else h
-    mask = jnp.asarray(shift_mask(res, win, s)) if s else None
+    if shifted is None:
+      roll = (lambda t, k: jnp.roll(t, (k, k), axis=(1, 2))) if s else (lambda t, k: t)
+      mask = jnp.asarray(shift_mask(res, win, s)) if s else None
+    else:  # the rolls under a cond; the mask times 0 or 1 (adding zeros changes no value)
+      roll = lambda t, k: jax.lax.cond(  # noqa: E731
+          shifted, lambda t: jnp.roll(t, (k, k), axis=(1, 2)), lambda t: t, t)
+      mask = jnp.asarray(shift_mask(res, win, s)) * jnp.asarray(shifted, jnp.float32)
+    h = roll(h, -s)
     a = WindowAttention(num_heads=self.num_heads, window=win, name="attn", **kw)(
         window_partition(h, win), mask, self.sub(aq, "attn"))
-    a = window_reverse(a, win, res, res)
-    a = jnp.roll(a, (s, s), axis=(1, 2)) if s else a
+    a = roll(window_reverse(a, win, res, res), s)
     x = self.qpoint("resid1", x + a, aq)
     h = self.qpoint("norm2_out", self.layer_norm(LN_EPS, "norm2")(x), aq)
     return self.qpoint("resid2", x + Mlp(hidden=self.mlp_hidden, name="mlp", **kw)(
@@ -200,16 +209,18 @@ class SwinStage(QuantPoint):
   index: int = 0
 
   @nn.compact
-  def __call__(self, x, aq, start: int, stop: int):
+  def __call__(self, x, aq, start: int, stop: int, shifted=None):
+    """shifted: a traced bool for the one block [start, stop) (see SwinBlock)."""
     cfg, s = self.config, self.index
     win, shift = cfg.window(s)
     if start == 0 and s > 0:
       x = PatchMerging(out_dim=cfg.dim(s), name="downsample", **self.child_kw())(
           x, self.sub(aq, "downsample"))
     for j in range(start, stop):
-      x = SwinBlock(num_heads=cfg.num_heads[s], window=win, shift=shift if j % 2 else 0,
+      x = SwinBlock(num_heads=cfg.num_heads[s], window=win,
+                    shift=shift if j % 2 or shifted is not None else 0,
                     mlp_hidden=int(cfg.dim(s) * cfg.mlp_ratio), name=f"blocks_{j}",
-                    **self.child_kw())(x, self.sub(aq, f"blocks_{j}"))
+                    **self.child_kw())(x, self.sub(aq, f"blocks_{j}"), shifted)
     return x
 
 
@@ -237,12 +248,16 @@ class SwinTransformer(QuantPoint):
   config: Any = None
 
   @nn.compact
-  def __call__(self, x, aq=None, first_unit: int = 0, last_unit: Optional[int] = None):
+  def __call__(self, x, aq=None, first_unit: int = 0, last_unit: Optional[int] = None,
+               shifted=None):
     cfg: SwinConfig = self.config
     blocks = cfg.blocks
     self.check_mode(aq)
     check_unit_range(cfg, blocks, first_unit, last_unit)
     stop = len(blocks) if last_unit is None else last_unit
+    if shifted is not None and stop - first_unit != 1:
+      raise ValueError(f"shifted (a traced window shift) applies to one unit: got units "
+                       f"[{first_unit}, {stop}).")
     if first_unit == 0:
       cfg.check_images(x.shape)
       x = PatchEmbed(embed_dim=cfg.embed_dim, patch_size=cfg.patch_size, name="patch_embed",
@@ -252,7 +267,7 @@ class SwinTransformer(QuantPoint):
       start, end = max(first_unit - offset, 0), min(stop - offset, depth)
       if start < end:
         x = SwinStage(config=cfg, index=s, name=f"layers_{s}", **self.child_kw())(
-            x, self.sub(aq, f"layers_{s}"), start, end)
+            x, self.sub(aq, f"layers_{s}"), start, end, shifted)
       offset += depth
     if last_unit is not None:
       return x
@@ -276,11 +291,19 @@ def units(cfg: SwinConfig) -> tuple:
 
 
 def unit_kinds(cfg: SwinConfig) -> tuple:
-  """The blocks of a stage with the same window shift compute the same function; a
-  stage's first block holds the patch embedding or merging. (Shifted and unshifted
-  blocks alternate, so only a stage whose grid fits one window shares programs.)"""
-  return tuple(None if j == 0 else (s, cfg.window(s)[1] if j % 2 else 0)
-               for s, j in cfg.blocks)
+  """The blocks of a stage after its first compute the same function, up to the window
+  shift that alternates between them (segment_kwargs: traced); a stage's first block
+  holds the patch embedding or merging."""
+  return tuple(None if j == 0 else (s,) for s, j in cfg.blocks)
+
+
+def segment_kwargs(cfg: SwinConfig, rep: int, position) -> dict:
+  """The traced window shift of the unit at `position` of the segment that starts at
+  unit `rep`: odd blocks of a stage shift (none where the grid is one window)."""
+  s, j = cfg.blocks[rep]
+  if not cfg.window(s)[1]:
+    return {}
+  return {"shifted": (j + position) % 2 == 1}
 
 
 def act_rules(qcfg):
@@ -337,5 +360,5 @@ TIMM_TABLE = (
 TRANSFORMS = (Transform("swin", 0.9, "bicubic", IMAGENET_MEAN, IMAGENET_STD),)
 
 FAMILY = Family("swin", SwinTransformer, PRESETS, units, act_rules, candidate_bytes, TIMM_TABLE,
-                prepare, TRANSFORMS, unit_kinds=unit_kinds,
+                prepare, TRANSFORMS, unit_kinds=unit_kinds, segment_kwargs=segment_kwargs,
                 end_layers=("patch_embed/proj", "head"))

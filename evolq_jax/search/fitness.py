@@ -46,9 +46,12 @@ def _prefix(cfg, qcfg, unit, fq_params, acts, images):
                                              last_unit=unit)
 
 
-def _unit_apply(model, rep: int):
-  """(local params, local acts, x) -> x through the segment representative `rep`."""
-  return lambda p, a, x: model.apply({"params": p}, x, a, first_unit=rep, last_unit=rep + 1)
+def _unit_apply(model, cfg, rep: int):
+  """(local params, local acts, x, position) -> x through the segment representative
+  `rep`, as the unit at `position` (traced) of its segment (Family.segment_kwargs)."""
+  extra = family_of(cfg).segment_kwargs or (lambda cfg, rep, position: {})
+  return lambda p, a, x, pos: model.apply({"params": p}, x, a, first_unit=rep,
+                                          last_unit=rep + 1, **extra(cfg, rep, pos))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -59,7 +62,7 @@ def _segment_prefix(cfg, qcfg, seg, position, fq_params, acts, stack_fq, stack_a
   model = model_for(cfg, "quant", qcfg)
   x = images if seg[0] == 0 else model.apply({"params": fq_params}, images, acts,
                                              last_unit=seg[0])
-  return segments.run_segment(_unit_apply(model, seg[0]), cfg, seg, x, stack_fq, stack_acts,
+  return segments.run_segment(_unit_apply(model, cfg, seg[0]), cfg, seg, x, stack_fq, stack_acts,
                               lambda i: i < position)
 
 
@@ -157,10 +160,10 @@ def segment_forward(cfg, qcfg, seg, layout, vec, arrays, ste=False):
   model = model_for(cfg, "quant_ste" if ste else "quant", qcfg)
   if not segments.shared(seg):
     return lambda x: model.apply({"params": p}, x, qp.acts, first_unit=seg[0])
-  apply_unit = _unit_apply(model, seg[0])
+  apply_unit = _unit_apply(model, cfg, seg[0])
 
   def forward(x):
-    x = apply_unit(p, qp.acts, x)
+    x = apply_unit(p, qp.acts, x, arrays["position"])
     x = segments.run_segment(apply_unit, cfg, seg, x, arrays["stack_fq"],
                              arrays["stack_acts"], lambda i: i > arrays["position"])
     return model.apply({"params": arrays["rest_fq"]}, x, arrays["rest_acts"],
