@@ -56,6 +56,10 @@ SEARCHES = {
     # schedule starts at the sweep's pick on W3A4's calibration loss (0.3) and falls to ~0
     "grad-adam-cosine": ("reference", {"strategy": "adam", "lr": 0.3, "lr_schedule": "cosine"},
                          None),
+    # the other way out: Adam's moments and step count carried from one visit of a unit to
+    # its next (search.carry_optimizer), at the sweep's pick
+    "grad-adam-carry": ("reference", {"strategy": "adam", "lr": 0.3, "carry_optimizer": True},
+                        None),
     # block reconstruction with learned rounding (issue 31): one pass from the first unit at
     # its own budget (search.recon_iters Adam steps a unit), not the grid's
     "adaround": ("reference", {"strategy": "adaround"}, None),
@@ -121,6 +125,7 @@ CIFAR10_PLAN = [
     (("HARD", "W3A8"), ("evolq-mse", "evolq-kl", "evolq-cosine", "evolq-infonce-acts")),
     (("HARD", "W3A8"), ("evolq-infonce-4x", "sep-cma-es-eq-4x")),
     (("HARD",), ("grad-adam-cosine",)),
+    (("HARD",), ("grad-adam-carry",)),
     (("HARD", "W4A4"), ("adaround", "adaround-qdrop", "adaround-qdrop-ends8")),
     (("HARD",), tuple(STACKED)),
 ]

@@ -12,6 +12,14 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
   --methods uniform sensitivity random evolq --seeds 0 --set $SMALL
 "$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
   --methods uniform sensitivity evolq --seeds 0 1 --set $SMALL
+# the CIFAR-10 ViT at A4, and the default tournament (seeded from the sensitivity fill) at
+# 3 seeds at both; then the tournament's scale search at the A4 W3-size widths
+"$PY" benchmarks/mixed_precision.py --bed vit --a-bits 4 --budgets 3.0 4.0 \
+  --methods uniform sensitivity evolq-seeded --seeds 0 1 2 --set $SMALL
+"$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
+  --methods evolq-seeded --seeds 0 1 2 --set $SMALL
+"$PY" benchmarks/mixed_precision.py --bed vit --a-bits 4 --budgets 3.0 \
+  --methods uniform sensitivity evolq-seeded --seeds 0 1 2 --after evolq --set $SMALL
 # reconstruction (with QDrop, the Lite0 rows' 200 steps of 16 images a unit) at the
 # sensitivity fill's widths under 4.5 bits, Lite0's best at init
 "$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 4.5 --methods sensitivity \
@@ -29,9 +37,15 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD W4A4 \
   --only adaround adaround-qdrop adaround-qdrop+evolq evolq+adaround-qdrop --resume
+# Adam with its state carried across unit visits (W3A4, the sweep's rate)
+"$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
+  --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
+  --seeds 0 --settings HARD --only grad-adam-carry --resume
 # reconstruction on Lite0 W4A4 and W4A8 at 200 steps of 16 images a unit (a step at
-# 112x112 costs ~2 s here: the papers' 20,000 steps do not fit)
-"$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
-  --name efficientnet_lite0 --passes 10 --generations 3 --children 1 --holdout 100 \
-  --seeds 0 --settings W4A4 W4A8 --only adaround-qdrop adaround-qdrop-ends8 \
-  --set search.recon_iters=200 search.recon_batch=16 --resume
+# 112x112 costs ~2 s here: the papers' 20,000 steps do not fit); then W4A4's seeds 1-2
+L0="--config configs/efficientnet_lite0.py --plan efficientnet --name efficientnet_lite0
+  --passes 10 --generations 3 --children 1 --holdout 100
+  --set search.recon_iters=200 search.recon_batch=16 --resume"
+"$PY" benchmarks/accuracy.py $L0 --seeds 0 --settings W4A4 W4A8 \
+  --only adaround-qdrop adaround-qdrop-ends8
+"$PY" benchmarks/accuracy.py $L0 --seeds 1 2 --settings W4A4 --only adaround-qdrop
