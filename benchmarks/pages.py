@@ -33,6 +33,7 @@ PAGES = {
     "demo": "demo",
     "deploy": "deploy",
     "export_size": "export_size",
+    "fake_quant_passes": "fake_quant_passes",
     "fixture_init": "fixture_init",
     "fixture_search": "fixture_search",
     "landscape": "landscape",
@@ -40,6 +41,7 @@ PAGES = {
     "pick_study": "pick_study",
     "speed": "speed",
     "speed_search_fixture": "speed",
+    "speed_search_cifar10": "speed",
 }
 README = os.path.join(ROOT, "README.md")
 HEADLINE = ("<!-- headline -->", "<!-- /headline -->")
@@ -79,17 +81,28 @@ def _grid_row(name: str, setting: str, label: str) -> str:
           f"{best}: {_cell(others[best])} | [{name}](docs/results/{name}.md) |")
 
 
-def headline() -> str:
-  demo = next(r for r in record("demo")["runs"] if r["recipe"] == "reference")
-  mixed = {}  # label -> top-1 per seed: each width method at init, and after each method
-  for r in record("mixed_precision")["runs"]:  # run at its widths ("sensitivity + adaround")
-    if (r["bed"], r["a_bits"], r["budget"]) == ("lite0", 8, 4.5):
+def _mixed_row(bed: str, a_bits: int, budget: float, label: str) -> str:
+  """One budget of the per-layer widths: uniform widths, the default tournament, and the
+  best other width method, at init or after a method run at its widths ("sensitivity +
+  adaround-qdrop")."""
+  mixed, width = {}, {}  # label -> top-1 per seed; method -> average bits
+  for r in record("mixed_precision")["runs"]:
+    if (r["bed"], r["a_bits"], r["budget"]) == (bed, a_bits, budget):
       mixed.setdefault(r["method"], []).append(r["init_top1"])
+      width[r["method"]] = r["avg_bits"]
       for name, after in r["after"].items():
         mixed.setdefault(f"{r['method']} + {name}", []).append(after["top1"])
   others = {m: v for m, v in mixed.items() if m not in ("uniform", "evolq", "evolq-seeded")}
   best = max(others, key=lambda m: np.mean(others[m]))
-  lite0_fp = record("efficientnet_lite0")["fp_top1"]
+  fp = record("mixed_precision")["fp_top1"][f"{bed}_a{a_bits}"]
+  return (f"| {label}, per-layer widths | ≤ {budget:g} bits average, A{a_bits} | {fp:.2f} | "
+          f"uniform W{width['uniform']:g}: {_cell(mixed['uniform'], seeds=False)} | "
+          f"{_cell(mixed.get('evolq-seeded') or mixed['evolq'])} | {best}: "
+          f"{_cell(others[best])} | [mixed_precision](docs/results/mixed_precision.md) |")
+
+
+def headline() -> str:
+  demo = next(r for r in record("demo")["runs"] if r["recipe"] == "reference")
   return "\n".join([
       "| model (test images) | setting | FP | start: init-reference | Evol-Q (the paper's "
       "tournament) | best other method | page |",
@@ -100,10 +113,8 @@ def headline() -> str:
       _grid_row("accuracy_cifar10", "W3A4", "ViT on CIFAR-10 (10,000)"),
       _grid_row("efficientnet_lite0", "W4A8", "EfficientNet-Lite0, ImageNet sample (500)"),
       _grid_row("efficientnet_lite0", "W4A4", "EfficientNet-Lite0, ImageNet sample (500)"),
-      f"| EfficientNet-Lite0 (500), per-layer widths | ≤ 4.5 bits average, A8 | {lite0_fp:.2f} | "
-      f"uniform W4: {_cell(mixed['uniform'], seeds=False)} | "
-      f"{_cell(mixed.get('evolq-seeded') or mixed['evolq'])} | {best}: "
-      f"{_cell(others[best])} | [mixed_precision](docs/results/mixed_precision.md) |",
+      _mixed_row("lite0", 8, 4.5, "EfficientNet-Lite0 (500)"),
+      _mixed_row("vit", 4, 3.0, "ViT on CIFAR-10 (10,000)"),
       "", "Deployed as QDQ ONNX in ONNX Runtime (2 threads, W4A8; "
       "[deploy](docs/results/deploy.md)):", "",
       "| model | int8 vs fp32 graph, batch 64 | batch 1 | file: int8 / fp32 |",
