@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from common import git_commit, write_results
 from speed_common import QCFG, TEMPERATURE
+from speed_profile import hlo_computations
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.models import get_preset, init_params, quantize_params
@@ -48,19 +49,6 @@ VARIANTS = {
 POP = 4
 
 
-def _computations(hlo: str) -> dict:
-  """computation name -> its instruction lines."""
-  out, current = {}, None
-  for line in hlo.splitlines():
-    m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if m:
-      current = m.group(1)
-      out[current] = []
-    elif current:
-      out[current].append(line)
-  return out
-
-
 def _elements(shape: str) -> int:
   dims = re.match(r"\w+\[([\d,]*)\]", shape)
   return int(np.prod([int(d) for d in dims.group(1).split(",") if d])) if dims else 0
@@ -69,7 +57,7 @@ def _elements(shape: str) -> int:
 def census(hlo: str) -> dict:
   """Fusions holding fake-quant ops, by what they share their pass with, and the
   scalars written out as tensors (counts and elements written per loop iteration)."""
-  bodies = _computations(hlo)
+  bodies = hlo_computations(hlo)
   counts, elements = collections.Counter(), collections.Counter()
   pattern = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\S+) fusion\(.*kind=(k\w+), "
                        r"calls=%?([\w.\-]+)")

@@ -33,8 +33,8 @@ def _category(op_name: str, is_dot: bool) -> str:
   return "weight re-quant, loss, copies"
 
 
-def hlo_categories(hlo_text: str) -> dict:
-  """HLO instruction name -> category, from each instruction's metadata op_name."""
+def hlo_computations(hlo_text: str) -> dict:
+  """Computation name -> its instruction lines, from a compiled program's HLO text."""
   bodies, current = {}, None
   for line in hlo_text.splitlines():
     m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -43,6 +43,12 @@ def hlo_categories(hlo_text: str) -> dict:
       bodies[current] = []
     elif current:
       bodies[current].append(line)
+  return bodies
+
+
+def hlo_categories(hlo_text: str) -> dict:
+  """HLO instruction name -> category, from each instruction's metadata op_name."""
+  bodies = hlo_computations(hlo_text)
   out = {}
   for line in hlo_text.splitlines():
     m = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", line)
