@@ -37,7 +37,7 @@ import time
 
 import jax
 import numpy as np
-from common import RESULTS, code_key, git_commit, write_results
+from common import RESULTS, code_key, git_commit, top1_interval, write_results
 
 from evolq_jax import workdir
 from evolq_jax.baselines import clip_ratio
@@ -562,8 +562,7 @@ def page(payload) -> str:
   settings = list(dict.fromkeys(r["setting"] for r in runs))
   plan = payload.get("plan")
   n_test, fp1 = payload.get("test_images", 10000), payload.get("fp_top1", float("nan"))
-  # 95% interval of a top-1 measured on n_test images (normal approximation at FP top-1)
-  ci = 196 * np.sqrt(fp1 / 100 * (1 - fp1 / 100) / n_test)
+  ci = top1_interval(fp1, n_test)  # of one top-1 near FP's
   curve_images = min(CURVE_TEST_IMAGES, n_test)
   lines = [f"# Accuracy: the paper's comparisons on {payload.get('model', 'the fixture')}", "",
            f"FP top-1 {payload.get('fp_top1', float('nan')):.2f} %. Budget per search: "

@@ -46,6 +46,13 @@ def code_key(*paths: str) -> str:
   return hashlib.sha1((trees + diff).encode()).hexdigest()[:16]
 
 
+def top1_interval(top1: float, images: int) -> float:
+  """Half-width, in points, of the 95% interval of a top-1 (%) measured on `images` test
+  images (the normal approximation of the binomial)."""
+  p = top1 / 100
+  return float(196 * (p * (1 - p) / images) ** 0.5)
+
+
 def write_results(name: str, payload: dict, page: str) -> None:
   """The record RESULTS/NAME.json and its page PAGES_DIR/NAME.md, which must be
   the writing script's `page(payload)` (tests/test_docs.py regenerates it)."""

@@ -140,16 +140,19 @@ class QuantConfig:
 
 
 @functools.lru_cache(maxsize=8192)
-def _layer_spec(spec: BitSpec, rules: tuple, name: str) -> BitSpec:
-  for pattern, bits in rules:
-    if re.fullmatch(pattern, name):
-      return dataclasses.replace(spec, bits=bits)
-  return spec
+def _rule_bits(rules: tuple, name: str):
+  return next((bits for pattern, bits in rules if re.fullmatch(pattern, name)), None)
+
+
+def rule_bits(rules: tuple, path):
+  """The bits of the first (pattern, bits) rule matching the layer's path, or None."""
+  return _rule_bits(tuple(rules), path if isinstance(path, str) else "/".join(path))
 
 
 def layer_spec(spec: BitSpec, rules: tuple, path) -> BitSpec:
   """`spec` at the bits of the first (pattern, bits) rule matching the layer's path."""
-  return _layer_spec(spec, tuple(rules), path if isinstance(path, str) else "/".join(path))
+  bits = rule_bits(rules, path)
+  return spec if bits is None else dataclasses.replace(spec, bits=bits)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,7 @@ from evolq_jax.losses import LOSSES, loss_batches
 from evolq_jax.models.cost import layer_macs
 from evolq_jax.models.forward import model_for
 from evolq_jax.quant.bits import check_bits
+from evolq_jax.quant.recipe import rule_bits
 from evolq_jax.quant.uniform import dequantize, range_qparams
 from evolq_jax.quant.weights import bias_correct, kernel_paths
 from evolq_jax.search.fitness import forward_loss
@@ -180,8 +181,8 @@ def _population_loss(cfg, qcfg, paths, loss, temperature, loss_batch, chunk, wid
 def pinned_bits(qcfg, path) -> float:
   """The width the recipe's weight rules (quant.keep_ends_8bit's ends, then
   quant.layer_bits) give the layer at `path`, or NaN where no rule names it."""
-  name = "/".join(path)
-  return next((float(b) for p, b in qcfg.weight_rules if re.fullmatch(p, name)), np.nan)
+  bits = rule_bits(qcfg.weight_rules, path)
+  return np.nan if bits is None else float(bits)
 
 
 class Problem:
