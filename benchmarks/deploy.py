@@ -3,6 +3,7 @@ speed against fp32, side by side.
 
   python benchmarks/deploy.py parity [--cases fixture_W8A8 ...]   # real runs, whole test sets
   python benchmarks/deploy.py speed [--models deit_tiny ...]      # idle machine, 2 threads
+  python benchmarks/deploy.py ceiling                             # idle machine, 2 threads
   python benchmarks/deploy.py report                              # deploy.md from deploy.json
   ->  benchmarks/results/deploy.json (+ docs/results/deploy.md)
 
@@ -17,6 +18,13 @@ best of --reps64), 2 threads; random images (speed does not depend on values;
 random weights for deit_tiny, the real ones otherwise); file sizes; ONNX
 Runtime's own profile of the int8 graph at batch 64 (time per op type, and the
 matmuls/convs it left in float).
+ceiling: what int8 can win on this CPU at most, for deit_tiny at batch 64: ONNX
+Runtime's int8 matmul (the QDQ pattern the export writes) against its fp32 matmul
+at each of deit_tiny's linear shapes; the fp32 graph's matmul share of time (its
+profile); the bound that follows (Amdahl: the rest of the graph gains nothing);
+and the whole graph timed with the QDQ overheads taken out one by one (bias
+correction off; the quantization points whose reader is not a matmul left in
+float), which change the model and are measured here for speed only.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ import time
 
 import jax
 import numpy as np
-from common import RESULTS, git_commit, write_results
+from common import CPU_FLAGS, RESULTS, cpu, git_commit, write_results
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
@@ -77,12 +85,15 @@ def load_average() -> list:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def session(path_or_bytes, threads: int = 2, profile: str | None = None):
+def session(path_or_bytes, threads: int = 2, profile: str | None = None,
+            optimized: str | None = None):
   import onnxruntime as ort
   opts = ort.SessionOptions()
   opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
   if profile:
     opts.enable_profiling, opts.profile_file_prefix = True, profile
+  if optimized:
+    opts.optimized_model_filepath = optimized
   return ort.InferenceSession(path_or_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -211,7 +222,8 @@ def speed_model(key: str, tmp: str, args, log) -> dict:
       "ort_fp32": lambda x: sessions["fp32"].run(None, {"images": x})[0],
       "jax_fp32": lambda x: np.asarray(jfp(x)),
       "jax_integer": lambda x: np.asarray((jint if len(x) == 64 else jint1)(x))}
-  out = {"model": name, "weights": weights, "setting": qcfg.name, "load_before": load_average(),
+  out = {"model": name, "weights": weights, "setting": qcfg.name, "cpu": cpu(),
+         "load_before": load_average(),
          "bytes": {"onnx_int8": os.path.getsize(paths["int8"]),
                    "onnx_fp32": os.path.getsize(paths["fp32"]),
                    "packed_export": os.path.getsize(packed)}}
@@ -246,25 +258,161 @@ def profile(path: str, images, tmp: str, key: str) -> dict:
   """ORT's profile of the int8 graph at batch 64: time share per op type, and which
   matmuls/convs ran in float (not fused into integer kernels)."""
   import onnx
-  import onnxruntime as ort
-  opts = ort.SessionOptions()
-  opts.intra_op_num_threads, opts.inter_op_num_threads = 2, 1
-  opts.optimized_model_filepath = os.path.join(tmp, f"{key}_opt.onnx")
-  opts.enable_profiling, opts.profile_file_prefix = True, os.path.join(tmp, f"{key}_prof")
-  sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-  for _ in range(3):
-    sess.run(None, {"images": images})
-  trace = json.load(open(sess.end_profiling()))
-  per_op = collections.Counter()
-  for ev in trace:
-    if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
-      per_op[ev["args"]["op_name"]] += ev["dur"]
-  total = sum(per_op.values())
-  ops = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
-  return {"time_share": {k: round(v / total, 4) for k, v in per_op.most_common(12)},
+  optimized = os.path.join(tmp, f"{key}_opt.onnx")
+  share = op_time_share(path, images, tmp, key, optimized)
+  ops = collections.Counter(n.op_type for n in onnx.load(optimized).graph.node)
+  return {"time_share": {k: round(v, 4) for k, v in list(share.items())[:12]},
           "integer_kernels": {k: v for k, v in ops.items() if k in INT_OPS},
           "float_matmuls_convs": {k: v for k, v in ops.items()
                                   if k in ("MatMul", "Conv", "Gemm", "FusedConv", "FusedMatMul")}}
+
+
+def op_time_share(path: str, images, tmp: str, key: str, optimized: str | None = None) -> dict:
+  """Each op type's share of kernel time in ONNX Runtime's profile (3 runs), largest
+  first; `optimized` is where ORT writes the graph it ran."""
+  sess = session(path, profile=os.path.join(tmp, f"{key}_prof"), optimized=optimized)
+  for _ in range(3):
+    sess.run(None, {"images": images})
+  per_op = collections.Counter()
+  for ev in json.load(open(sess.end_profiling())):
+    if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+      per_op[ev["args"]["op_name"]] += ev["dur"]
+  total = sum(per_op.values())
+  return {k: v / total for k, v in per_op.most_common()}
+
+
+# --- ceiling -------------------------------------------------------------------------
+
+KERNEL_OPS = ("MatMul", "Conv", "Gemm")
+
+
+def without_float_points(model):
+  """The ONNX model with every Quantize/DequantizeLinear pair whose dequantized value
+  feeds no matmul or convolution (nor the graph output) taken out: those values stay
+  float, so ONNX Runtime runs no standalone Q/DQ pass over them. Returns (model, pairs)."""
+  g = model.graph
+  readers = collections.defaultdict(list)
+  for n in g.node:
+    for i in n.input:
+      readers[i].append(n)
+  maker = {o: n for n in g.node for o in n.output}
+  outputs = {o.name for o in g.output}
+  rename, drop = {}, set()
+  for dq in g.node:
+    if dq.op_type != "DequantizeLinear" or dq.output[0] in outputs:
+      continue
+    chain, q = [], maker.get(dq.input[0])
+    while q is not None and q.op_type == "Clip":  # the clip to < 8 bits between the pair
+      chain.append(q)
+      q = maker.get(q.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(readers[q.output[0]]) != 1 or any(
+        r.op_type in KERNEL_OPS for r in readers[dq.output[0]]):
+      continue
+    rename[dq.output[0]] = q.input[0]
+    drop.update(id(n) for n in (dq, q, *chain))
+  kept = [n for n in g.node if id(n) not in drop]
+  for n in kept:
+    for k, name in enumerate(n.input):
+      while name in rename:
+        name = rename[name]
+      n.input[k] = name
+  del g.node[:]
+  g.node.extend(kept)
+  return model, len(rename)
+
+
+def best_of(runners: dict, x, reps: int) -> dict:
+  """Seconds per call, best of `reps`, the runners interleaved (one round each in turn)."""
+  for fn in runners.values():
+    fn(x)
+  best = {k: float("inf") for k in runners}
+  for _ in range(reps):
+    for k, fn in runners.items():
+      t = time.perf_counter()
+      fn(x)
+      best[k] = min(best[k], time.perf_counter() - t)
+  return best
+
+
+def matmul_sessions(m: int, k: int, n: int, rng):
+  """ONNX Runtime fp32 MatMul and the export's QDQ int8 pattern (uint8 activation per
+  tensor, int8 weights per output channel, zero point 0) at one shape."""
+  from onnx import TensorProto, helper, numpy_helper
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  consts = [numpy_helper.from_array(rng.integers(-8, 8, size=(k, n)).astype(np.int8), "wq"),
+            numpy_helper.from_array(np.full(n, 0.01, np.float32), "ws"),
+            numpy_helper.from_array(np.zeros(n, np.int8), "wz"),
+            numpy_helper.from_array(np.float32(0.05), "xs"),
+            numpy_helper.from_array(np.uint8(128), "xz")]
+  graphs = {"fp32": ([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                     [numpy_helper.from_array(w, "w")]),
+            "int8": ([helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                      helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], axis=1),
+                      helper.make_node("MatMul", ["xd", "wd"], ["y"])], consts)}
+  out = {}
+  for key, (nodes, inits) in graphs.items():
+    g = helper.make_graph(nodes, key, [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                          initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
+    out[key] = session(model.SerializeToString())
+  return out
+
+
+def ceiling(tmp: str, args, log) -> dict:
+  import dataclasses
+
+  import onnx
+  name = SPEED_MODELS["deit_tiny"][0]
+  cfg, params = load_model(bits_config("W8A8", name, checkpoint="random"))
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(64, cfg.img_size, cfg.img_size, cfg.in_chans)).astype(np.float32)
+  out = {"model": name, "cpu": cpu(), "load_before": load_average()}
+  # 1. one matmul at each of deit_tiny's linear shapes (batch 64 x 197 tokens)
+  rows, d, hidden = 64 * (cfg.num_patches + 1), cfg.embed_dim, cfg.mlp_hidden
+  shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, hidden), "fc2": (hidden, d)}
+  out["matmuls"], fp_total, int_total = {}, 0.0, 0.0
+  for layer, (k, n) in shapes.items():
+    sess = matmul_sessions(rows, k, n, rng)
+    x = rng.normal(size=(rows, k)).astype(np.float32)
+    t = best_of({kk: (lambda v, s=s: s.run(None, {"x": v})) for kk, s in sess.items()}, x,
+                args.reps64)
+    out["matmuls"][layer] = {"shape": [rows, k, n], "fp32_ms": 1e3 * t["fp32"],
+                             "int8_ms": 1e3 * t["int8"], "int8_vs_fp32": t["fp32"] / t["int8"]}
+    fp_total, int_total = fp_total + t["fp32"], int_total + t["int8"]
+    log(f"ceiling {layer} {rows}x{k}x{n}: fp32 {1e3 * t['fp32']:.1f} ms, int8 "
+        f"{1e3 * t['int8']:.1f} ms")
+  out["matmul_int8_vs_fp32"] = fp_total / int_total  # one of each layer: a block's mix
+  # 2. the whole graph, with the QDQ overheads taken out one by one
+  paths = {"fp32": save_onnx(os.path.join(tmp, "fp32.onnx"), fp_onnx(cfg, params))}
+  pairs = 0
+  for bc in (True, False):
+    qcfg = reference_init(QuantConfig(w_bits=args.w_bits, a_bits=8))
+    qcfg = dataclasses.replace(qcfg, bias_correction=bc)
+    qparams = calibrate(cfg, qcfg, params, images[:16], 16, progress=False)
+    tag = "int8" if bc else "int8_no_bias_correction"
+    paths[tag] = save_onnx(os.path.join(tmp, f"{tag}.onnx"),
+                           export_onnx(build_export(cfg, qcfg, params, qparams)))
+    model, pairs = without_float_points(onnx.load(paths[tag]))
+    paths[tag + "_float_points"] = os.path.join(tmp, f"{tag}_float_points.onnx")
+    onnx.save(model, paths[tag + "_float_points"])
+  out["float_points_taken_out"] = pairs
+  sessions = {k: session(p) for k, p in paths.items()}
+  t = best_of({k: (lambda v, s=s: s.run(None, {"images": v})) for k, s in sessions.items()},
+              images, args.reps64)
+  out["graphs_b64_images_per_s"] = {k: 64 / v for k, v in t.items()}
+  out["graphs_vs_fp32_b64"] = {k: t["fp32"] / v for k, v in t.items() if k != "fp32"}
+  for k, v in out["graphs_vs_fp32_b64"].items():
+    log(f"ceiling whole graph {k}: {v:.2f}x fp32")
+  # 3. the bound: the fp32 graph's matmul share gains the matmul ratio, the rest nothing
+  share = op_time_share(paths["fp32"], images, tmp, "fp32")
+  m = sum(v for k, v in share.items() if "MatMul" in k or k == "Gemm")
+  out["fp32_matmul_share"] = m
+  out["bound_int8_vs_fp32_b64"] = 1 / ((1 - m) + m / out["matmul_int8_vs_fp32"])
+  out["load_after"] = load_average()
+  return out
 
 
 # --- report --------------------------------------------------------------------------
@@ -276,6 +424,10 @@ def summary(payload: dict) -> dict:
           "ort_int8_vs_fp32_deit_tiny_b1": get("deit_tiny", "ort_int8_vs_fp32_b1"),
           "ort_int8_vs_fp32_lite0_b64": get("lite0", "ort_int8_vs_fp32_b64"),
           "ort_int8_vs_fp32_cifar10_vit_b64": get("cifar10_vit", "ort_int8_vs_fp32_b64"),
+          "ort_int8_matmul_vs_fp32_deit_tiny": payload.get("ceiling", {}).get(
+              "matmul_int8_vs_fp32"),
+          "ort_int8_bound_vs_fp32_deit_tiny_b64": payload.get("ceiling", {}).get(
+              "bound_int8_vs_fp32_b64"),
           "families_exported": payload.get("families_exported", []),
           "parity_same_top1": {k: r["onnx_same_top1"] for k, r in pa.items()},
           "parity_max_abs_delta_logit": {k: r["onnx_max_abs_delta_logit"] for k, r in pa.items()}}
@@ -312,7 +464,9 @@ def page(payload: dict) -> str:
         lines.append(f"- {k}: {d[0]:.1e} → {d[len(d) // 2]:.1e} → {d[-1]:.1e}, largest "
                      f"{max(d):.1e} ({len(d)} points)")
   if payload.get("speed"):
+    cpus = sorted({cpu_line(r["cpu"]) for r in payload["speed"].values() if "cpu" in r})
     lines += ["", "## Speed (2 threads, random images)", "",
+              *([f"CPU: {'; '.join(cpus)}.", ""] if cpus else []),
               "| model | setting | batch 64 images/s: ORT int8 | ORT fp32 | JAX fp32 | JAX integer "
               "| ORT int8 / fp32 (b64) | batch 1 ms: ORT int8 | ORT fp32 | ORT int8 / fp32 (b1) "
               "| load avg before → after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -353,7 +507,42 @@ def page(payload: dict) -> str:
       share = ", ".join(f"{op} {100 * v:.1f}%" for op, v in list(p["time_share"].items())[:5])
       lines.append(f"- {r['model']}: {share}; integer kernels {p['integer_kernels']}; "
                    f"float {p['float_matmuls_convs'] or 'none'}.")
+  if payload.get("ceiling"):
+    c = payload["ceiling"]
+    lines += ["", f"## What int8 can win here at most ({c['model']}, batch 64, 2 threads)", "",
+              f"`{payload.get('ceiling_command', 'python benchmarks/deploy.py ceiling')}`, load "
+              f"average {c['load_before']} → {c['load_after']}, on {cpu_line(c['cpu'])}. "
+              "One ONNX Runtime matmul at each "
+              "of the model's linear shapes, fp32 against the QDQ int8 pattern the export "
+              "writes (uint8 activations per tensor, int8 weights per channel):", "",
+              "| layer | rows × in × out | fp32 ms | int8 ms | int8 / fp32 speed |",
+              "|---|---|---|---|---|"]
+    for layer, r in c["matmuls"].items():
+      lines.append(f"| {layer} | {' × '.join(map(str, r['shape']))} | {r['fp32_ms']:.1f} | "
+                   f"{r['int8_ms']:.1f} | {r['int8_vs_fp32']:.2f}× |")
+    lines += ["", f"One of each (a block's mix): **{c['matmul_int8_vs_fp32']:.2f}×**. Matmuls take "
+              f"{100 * c['fp32_matmul_share']:.0f}% of the fp32 graph's time (its profile), so "
+              "with every other op as fast as in fp32 and no Q/DQ cost at all the whole graph "
+              f"could run at most **{c['bound_int8_vs_fp32_b64']:.2f}×** fp32.", "",
+              "The whole graph with the QDQ overheads taken out (these change the model; "
+              "timed for speed only, best of the runs, interleaved):", "",
+              "| graph | images/s | / fp32 |", "|---|---|---|"]
+    labels = {"fp32": "fp32 (no Q/DQ)", "int8": "int8 as exported (bias correction on)",
+              "int8_float_points": f"int8, the {c['float_points_taken_out']} points no matmul "
+                                   "reads left in float",
+              "int8_no_bias_correction": "int8, bias correction off",
+              "int8_no_bias_correction_float_points": "int8, both"}
+    for k, v in c["graphs_b64_images_per_s"].items():
+      ratio = c["graphs_vs_fp32_b64"].get(k, 1.0)
+      lines.append(f"| {labels.get(k, k)} | {v:.1f} | {ratio:.2f}× |")
   return "\n".join(lines) + "\n"
+
+
+def cpu_line(c: dict) -> str:
+  vnni = {"avx512_vnni", "avx_vnni"} & set(c["flags"])
+  return (f"{c['model']}, {c['cores']} cores, {', '.join(c['flags']) or 'none'} of "
+          f"{'/'.join(CPU_FLAGS)}" + ("" if vnni else
+                                      " (no VNNI: no int8 dot-product instructions)"))
 
 
 def earlier_speed(payload: dict) -> list:
@@ -380,7 +569,7 @@ def write(payload: dict):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("part", choices=("parity", "speed", "report"))
+  ap.add_argument("part", choices=("parity", "speed", "ceiling", "report"))
   ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
   ap.add_argument("--models", nargs="+", default=list(SPEED_MODELS), choices=list(SPEED_MODELS))
   ap.add_argument("--w-bits", type=int, default=4, help="weight bits of the speed exports")
@@ -400,6 +589,11 @@ def main():
         payload.setdefault("speed", {})[key] = speed_model(key, tmp, args, log)
         payload["speed_command"] = " ".join(["python"] + sys.argv)
         write(payload)
+  elif args.part == "ceiling":
+    with tempfile.TemporaryDirectory() as tmp:
+      payload["ceiling"] = ceiling(tmp, args, log)
+    payload["ceiling_command"] = " ".join(["python"] + sys.argv)
+    write(payload)
   else:
     write(payload)
 

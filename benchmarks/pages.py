@@ -122,7 +122,23 @@ def headline() -> str:
       *(f"| {s['model']} | {s['ort_int8_vs_fp32_b64']:.2f}× | {s['ort_int8_vs_fp32_b1']:.2f}× | "
         f"{s['bytes']['onnx_int8'] / 2 ** 20:.2f} / {s['bytes']['onnx_fp32'] / 2 ** 20:.2f} MiB |"
         for s in record("deploy")["speed"].values()),
+      *_deploy_ceiling(record("deploy").get("ceiling")),
   ])
+
+
+def _deploy_ceiling(c) -> list:
+  """A line under the deploy table: how much int8 can win on the CPU that measured it."""
+  if not c:
+    return []
+  return ["", f"On this CPU ({', '.join(c['cpu']['flags'])}; no int8 dot-product instructions "
+          "in its flags) ONNX Runtime's int8 matmul runs at "
+          f"{c['matmul_int8_vs_fp32']:.2f}× its fp32 matmul, so no int8 graph of "
+          f"{c['model']} can run above {c['bound_int8_vs_fp32_b64']:.2f}× fp32 here "
+          "(the page's ceiling section)." if not {"avx512_vnni", "avx_vnni"} & set(
+              c["cpu"]["flags"]) else
+          f"ONNX Runtime's int8 matmul runs at {c['matmul_int8_vs_fp32']:.2f}× its fp32 "
+          f"matmul on this CPU; bound for {c['model']}: "
+          f"{c['bound_int8_vs_fp32_b64']:.2f}× fp32 (the page's ceiling section)."]
 
 
 def readme_with_headline(text: str) -> str:

@@ -3,6 +3,7 @@ family's own module in "int" mode: onnx.checker, an ONNX Runtime session, logits
 against the fake-quant model, a symbolic batch, int8 weight initializers; and on
 the bundled fixture, ONNX Runtime's top-1 against the fake-quant model's."""
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -21,6 +22,9 @@ from evolq_jax.quant.weights import calibrate_weights
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _session(model):
@@ -71,20 +75,38 @@ def fixture(fixture_acts):
   return cfg, dataclasses.replace(qcfg, bias_correction=True), params, acts, images
 
 
-def test_onnx_runtime_fuses_integer_kernels(fixture, tmp_path):
-  """ONNX Runtime's optimizer turns the QDQ matmuls into integer kernels."""
-  cfg, qcfg, params, acts, images = fixture
-  qcfg = dataclasses.replace(qcfg, w_bits=4)
-  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
-  model = export_onnx(build_export(cfg, qcfg, params, qparams))
+def _integer_kernels(model, tmp_path) -> list:
+  """The integer kernels in the graph ONNX Runtime's optimizer makes of `model`."""
   opts = ort.SessionOptions()
   opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
   ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
   ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
-  integer = [o for o in ops if o in ("QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv",
-                                     "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
-                                     "QGemm")]
-  assert len(integer) >= 6 * 4 + 1, sorted(set(ops))  # qkv, proj, fc1, fc2 per block, head
+  return [o for o in ops if o in ("QLinearMatMul", "MatMulIntegerToFloat", "QLinearConv",
+                                  "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul",
+                                  "QGemm")]
+
+
+def test_onnx_runtime_fuses_integer_kernels(fixture, tmp_path, monkeypatch):
+  """ONNX Runtime's optimizer turns the QDQ matmuls into integer kernels; the deploy
+  benchmark's ceiling graph (the points no matmul reads left in float) keeps all of them."""
+  cfg, qcfg, params, acts, images = fixture
+  qcfg = dataclasses.replace(qcfg, w_bits=4)
+  qparams = QParams(calibrate_weights(params, qcfg.w_spec, qcfg.w_observer), acts)
+  model = export_onnx(build_export(cfg, qcfg, params, qparams))
+  integer = _integer_kernels(model, tmp_path)
+  assert len(integer) >= 6 * 4 + 1, integer  # qkv, proj, fc1, fc2 per block, head
+
+  monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+  import deploy
+  count = lambda m, op: sum(n.op_type == op for n in m.graph.node)  # noqa: E731
+  before = count(model, "QuantizeLinear")
+  lean, pairs = deploy.without_float_points(onnx.load_from_string(model.SerializeToString()))
+  onnx.checker.check_model(lean)
+  assert pairs > 0 and count(lean, "QuantizeLinear") == before - pairs
+  assert len(_integer_kernels(lean, tmp_path)) == len(integer)  # a matmul whose output
+  # point is gone runs as MatMulIntegerToFloat instead of QLinearMatMul
+  x = np.asarray(images[:8], np.float32)
+  assert _session(lean).run(None, {"images": x})[0].shape == (8, cfg.num_classes)
 
 
 def test_onnx_export_without_onnx_says_what_to_install(monkeypatch):
