@@ -46,30 +46,6 @@ def code_key(*paths: str) -> str:
   return hashlib.sha1((trees + diff).encode()).hexdigest()[:16]
 
 
-# The instruction sets that decide how fast int8 runs on x86 (AVX2: 8-bit multiplies
-# through 16-bit sums; AVX512-VNNI / AVX-VNNI: int8 dot products in one instruction).
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def cpu() -> dict:
-  """This machine's CPU model, core count and which of CPU_FLAGS it reports (Linux)."""
-  info = {"model": "unknown", "cores": os.cpu_count(), "flags": []}
-  try:
-    with open("/proc/cpuinfo") as f:
-      text = f.read()
-  except OSError:
-    return info
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() == "model name" and info["model"] == "unknown":
-      info["model"] = value.strip()
-    elif key.strip() == "flags":
-      have = set(value.split())
-      info["flags"] = [f for f in CPU_FLAGS if f in have]
-      break
-  return info
-
-
 def top1_interval(top1: float, images: int) -> float:
   """Half-width, in points, of the 95% interval of a top-1 (%) measured on `images` test
   images (the normal approximation of the binomial)."""

@@ -39,11 +39,11 @@ import time
 
 import jax
 import numpy as np
-from common import CPU_FLAGS, RESULTS, cpu, git_commit, write_results
+from common import RESULTS, git_commit, write_results
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
-from evolq_jax.deploy import export_run
+from evolq_jax.deploy import CPU_FLAGS, cpu_info, export_run
 from evolq_jax.evaluate import batched, percent, topk_accuracy
 from evolq_jax.export import build_export, save_export
 from evolq_jax.integer import int_forward, int_logits
@@ -222,7 +222,7 @@ def speed_model(key: str, tmp: str, args, log) -> dict:
       "ort_fp32": lambda x: sessions["fp32"].run(None, {"images": x})[0],
       "jax_fp32": lambda x: np.asarray(jfp(x)),
       "jax_integer": lambda x: np.asarray((jint if len(x) == 64 else jint1)(x))}
-  out = {"model": name, "weights": weights, "setting": qcfg.name, "cpu": cpu(),
+  out = {"model": name, "weights": weights, "setting": qcfg.name, "cpu": cpu_info(),
          "load_before": load_average(),
          "bytes": {"onnx_int8": os.path.getsize(paths["int8"]),
                    "onnx_fp32": os.path.getsize(paths["fp32"]),
@@ -369,7 +369,7 @@ def ceiling(tmp: str, args, log) -> dict:
   cfg, params = load_model(bits_config("W8A8", name, checkpoint="random"))
   rng = np.random.default_rng(0)
   images = rng.normal(size=(64, cfg.img_size, cfg.img_size, cfg.in_chans)).astype(np.float32)
-  out = {"model": name, "cpu": cpu(), "load_before": load_average()}
+  out = {"model": name, "cpu": cpu_info(), "load_before": load_average()}
   # 1. one matmul at each of deit_tiny's linear shapes (batch 64 x 197 tokens)
   rows, d, hidden = 64 * (cfg.num_patches + 1), cfg.embed_dim, cfg.mlp_hidden
   shapes = {"qkv": (d, 3 * d), "proj": (d, d), "fc1": (d, hidden), "fc2": (hidden, d)}

@@ -165,11 +165,14 @@ def cmd_landscape(args):
 
 
 def cmd_export(args):
-  from evolq_jax.deploy import export_run
+  from evolq_jax.deploy import export_run, int8_speed_note
   paths = export_run(args.workdir, args.out, artifact=not args.no_artifact, fmt=args.format)
   print(f"{'ONNX' if args.format == 'onnx' else 'integer'} export of {args.workdir}:")
   for path in paths.values():
     print(f"  {path} ({os.path.getsize(path) / 2 ** 20:.2f} MiB)")
+  note = int8_speed_note() if args.format == "onnx" else None
+  if note:
+    print(note)
 
 
 def _flat(grid):

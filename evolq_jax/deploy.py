@@ -30,6 +30,41 @@ ONNX_NAME = "model.onnx"
 FORMATS = ("int", "onnx")
 
 
+# The instruction sets that decide how fast int8 runs on x86 (AVX2: 8-bit multiplies
+# through 16-bit sums; AVX512-VNNI / AVX-VNNI: int8 dot products in one instruction).
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_info() -> dict:
+  """This machine's CPU model, core count and which of CPU_FLAGS it reports (Linux)."""
+  info = {"model": "unknown", "cores": os.cpu_count(), "flags": []}
+  try:
+    with open("/proc/cpuinfo") as f:
+      text = f.read()
+  except OSError:
+    return info
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "model name" and info["model"] == "unknown":
+      info["model"] = value.strip()
+    elif key.strip() == "flags":
+      have = set(value.split())
+      info["flags"] = [f for f in CPU_FLAGS if f in have]
+      break
+  return info
+
+
+def int8_speed_note(info: dict | None = None) -> str | None:
+  """A line for `evolq export --format onnx` where this CPU has no int8 dot products
+  (no VNNI): ONNX Runtime's int8 kernels then barely beat fp32 here. None otherwise."""
+  info = cpu_info() if info is None else info
+  if not info["flags"] or {"avx512_vnni", "avx_vnni", "amx_int8"} & set(info["flags"]):
+    return None
+  return (f"note: this CPU ({info['model']}) reports no VNNI int8 dot-product instructions "
+          "(AVX512-VNNI, AVX-VNNI or AMX), so ONNX Runtime's int8 kernels run about as fast "
+          "as fp32 on it; deploy on a CPU that has them, or on a GPU (docs/deploy.md).")
+
+
 def _read_json(path: str):
   if not os.path.exists(path):
     return None

@@ -271,3 +271,15 @@ def test_evolq_export_on_a_tiny_search_run(fixture_run, tmp_path, capsys):
   assert np.mean(fq.argmax(-1) == ol.argmax(-1)) >= 0.99
   assert main(["export", "--workdir", workdir, "--format", "onnx", "--out", workdir]) == 2
   assert "is a directory: give a file path" in capsys.readouterr().err
+
+
+def test_onnx_export_notes_a_cpu_without_int8_dot_products():
+  """`evolq export --format onnx` says when this CPU's int8 kernels will not pay."""
+  from evolq_jax.deploy import cpu_info, int8_speed_note
+  note = int8_speed_note({"model": "Old CPU", "cores": 2, "flags": ["avx2", "fma"]})
+  assert "Old CPU" in note and "VNNI" in note
+  assert int8_speed_note({"model": "New", "cores": 2,
+                          "flags": ["avx2", "avx512f", "avx512_vnni"]}) is None
+  assert int8_speed_note({"model": "unknown", "cores": 2, "flags": []}) is None  # not x86/Linux
+  info = cpu_info()
+  assert set(info) == {"model", "cores", "flags"} and info["cores"] >= 1
