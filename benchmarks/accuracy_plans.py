@@ -145,6 +145,9 @@ EFFICIENTNET_PLAN = [
     (("W4A8", "W4A4"), LITE_SEARCHES),
     (("W6A6", "W8A8"), LITE_SEARCHES),
     (("W4A4", "W4A8"), RECONSTRUCTION),
+    # Adam's rate on Lite0 (issue 30: 0.02, grad-adam's default, to 0.3) and its state
+    # carried across visits at the CIFAR-10 sweep's pick; about 2.3 h a run here
+    (("W4A8",), ("grad-adam-lr0.1", "grad-adam-lr0.3", "grad-adam-carry")),
 ]
 EFFICIENTNET_CURVES = {(s, "evolq-infonce") for s in ("W4A8", "W4A4")}
 

@@ -49,3 +49,8 @@ L0="--config configs/efficientnet_lite0.py --plan efficientnet --name efficientn
 "$PY" benchmarks/accuracy.py $L0 --seeds 0 --settings W4A4 W4A8 \
   --only adaround-qdrop adaround-qdrop-ends8
 "$PY" benchmarks/accuracy.py $L0 --seeds 1 2 --settings W4A4 --only adaround-qdrop
+# Adam's rate on Lite0 W4A8 (0.02 is grad-adam's row; 0.1, 0.3) and Adam with its state
+# carried across visits at 0.3: about 2.3 h a run on these 2 cores
+"$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
+  --name efficientnet_lite0 --passes 10 --generations 3 --children 1 --holdout 100 --resume \
+  --seeds 0 --settings W4A8 --only grad-adam-lr0.1 grad-adam-lr0.3 grad-adam-carry
