@@ -43,7 +43,7 @@ from common import RESULTS, git_commit, write_results
 
 from evolq_jax.calibrate import calibrate
 from evolq_jax.config import apply_overrides, bits_config, load_config, quant_config
-from evolq_jax.deploy import CPU_FLAGS, cpu_info, export_run
+from evolq_jax.deploy import CPU_FLAGS, cpu_info, export_run, has_int8_dot
 from evolq_jax.evaluate import batched, percent, topk_accuracy
 from evolq_jax.export import build_export, save_export
 from evolq_jax.integer import int_forward, int_logits
@@ -539,9 +539,8 @@ def page(payload: dict) -> str:
 
 
 def cpu_line(c: dict) -> str:
-  vnni = {"avx512_vnni", "avx_vnni"} & set(c["flags"])
   return (f"{c['model']}, {c['cores']} cores, {', '.join(c['flags']) or 'none'} of "
-          f"{'/'.join(CPU_FLAGS)}" + ("" if vnni else
+          f"{'/'.join(CPU_FLAGS)}" + ("" if has_int8_dot(c) else
                                       " (no VNNI: no int8 dot-product instructions)"))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import COMMITTED, PAGES_DIR, ROOT  # noqa: E402
 
+from evolq_jax.deploy import has_int8_dot  # noqa: E402
 from evolq_jax.workdir import write_atomic  # noqa: E402
 
 # page name -> the script whose `page(payload)` writes it from NAME.json
@@ -130,15 +131,12 @@ def _deploy_ceiling(c) -> list:
   """A line under the deploy table: how much int8 can win on the CPU that measured it."""
   if not c:
     return []
-  return ["", f"On this CPU ({', '.join(c['cpu']['flags'])}; no int8 dot-product instructions "
-          "in its flags) ONNX Runtime's int8 matmul runs at "
-          f"{c['matmul_int8_vs_fp32']:.2f}× its fp32 matmul, so no int8 graph of "
-          f"{c['model']} can run above {c['bound_int8_vs_fp32_b64']:.2f}× fp32 here "
-          "(the page's ceiling section)." if not {"avx512_vnni", "avx_vnni"} & set(
-              c["cpu"]["flags"]) else
-          f"ONNX Runtime's int8 matmul runs at {c['matmul_int8_vs_fp32']:.2f}× its fp32 "
-          f"matmul on this CPU; bound for {c['model']}: "
-          f"{c['bound_int8_vs_fp32_b64']:.2f}× fp32 (the page's ceiling section)."]
+  cpu = (f"On this CPU ({', '.join(c['cpu']['flags'])}"
+         + ("" if has_int8_dot(c["cpu"]) else "; no int8 dot-product instructions in its flags")
+         + ")")
+  return ["", f"{cpu} ONNX Runtime's int8 matmul runs at {c['matmul_int8_vs_fp32']:.2f}× its "
+          f"fp32 matmul, so no int8 graph of {c['model']} can run above "
+          f"{c['bound_int8_vs_fp32_b64']:.2f}× fp32 here (the page's ceiling section)."]
 
 
 def readme_with_headline(text: str) -> str:

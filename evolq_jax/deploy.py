@@ -54,11 +54,16 @@ def cpu_info() -> dict:
   return info
 
 
+def has_int8_dot(info: dict) -> bool:
+  """Whether a CPU (cpu_info()) reports int8 dot-product instructions."""
+  return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(info["flags"]))
+
+
 def int8_speed_note(info: dict | None = None) -> str | None:
   """A line for `evolq export --format onnx` where this CPU has no int8 dot products
   (no VNNI): ONNX Runtime's int8 kernels then barely beat fp32 here. None otherwise."""
   info = cpu_info() if info is None else info
-  if not info["flags"] or {"avx512_vnni", "avx_vnni", "amx_int8"} & set(info["flags"]):
+  if not info["flags"] or has_int8_dot(info):
     return None
   return (f"note: this CPU ({info['model']}) reports no VNNI int8 dot-product instructions "
           "(AVX512-VNNI, AVX-VNNI or AMX), so ONNX Runtime's int8 kernels run about as fast "
