@@ -142,6 +142,14 @@ def summary(runs: list) -> dict:
   uni = [r for r in lite if r["method"] == "uniform"]
   out = {"lite0_a8_top1_at_4p5_bits": mean_best([r for r in lite if r["method"] != "uniform"]),
          "lite0_uniform_w4a8_top1": uni[0]["init_top1"] if uni else None}
+  # every Lite0 A8 budget: each width method's mean top-1 at init over its seeds
+  for budget in sorted({r["budget"] for r in runs if (r["bed"], r["a_bits"]) == ("lite0", 8)}):
+    tops = {}
+    for r in runs:
+      if (r["bed"], r["a_bits"], r["budget"]) == ("lite0", 8, budget):
+        tops.setdefault(r["method"], []).append(r["init_top1"])
+    key = f"lite0_a8_mean_top1_at_{budget:g}_bits".replace(".", "p")
+    out[key] = {m: float(np.mean(v)) for m, v in sorted(tops.items())}
   # the CIFAR-10 ViT at uniform W3's size: the widths alone, at init; the best width method
   # by mean top-1 against uniform, and the 95% interval of uniform's top-1
   for a_bits, tag in ((8, ""), (4, "a4")):

@@ -9,7 +9,9 @@ PY=${PYTHON:-python}
 SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
 # per-layer widths: EfficientNet-Lite0 at A8, then the CIFAR-10 ViT at A8
 "$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 3.5 4.5 6 \
-  --methods uniform sensitivity random evolq --seeds 0 --set $SMALL
+  --methods uniform sensitivity random evolq --seeds 0 1 2 --set $SMALL
+"$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 4.5 \
+  --methods evolq-seeded --seeds 0 1 2 --set $SMALL
 "$PY" benchmarks/mixed_precision.py --bed vit --a-bits 8 --budgets 3.0 4.0 \
   --methods uniform sensitivity evolq --seeds 0 1 --set $SMALL
 # the CIFAR-10 ViT at A4, and the default tournament (seeded from the sensitivity fill) at
@@ -32,7 +34,10 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD --only adaround-qdrop-ends8 --resume
-# then W4A4, and the two stacked in either order on W3A4 (accuracy_plans.STACKED)
+# then W4A4 (3 seeds), and the two stacked in either order on W3A4 (accuracy_plans.STACKED)
+"$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
+  --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
+  --seeds 0 1 2 --settings W4A4 --only adaround adaround-qdrop --resume
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD W4A4 \
@@ -42,13 +47,13 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
   --name accuracy_cifar10 --passes 10 --generations 3 --children 1 --holdout 2000 \
   --seeds 0 --settings HARD --only grad-adam-carry --resume
 # reconstruction on Lite0 W4A4 and W4A8 at 200 steps of 16 images a unit (a step at
-# 112x112 costs ~2 s here: the papers' 20,000 steps do not fit); then W4A4's seeds 1-2
+# 112x112 costs ~2 s here: the papers' 20,000 steps do not fit); then their seeds 1-2
 L0="--config configs/efficientnet_lite0.py --plan efficientnet --name efficientnet_lite0
   --passes 10 --generations 3 --children 1 --holdout 100
   --set search.recon_iters=200 search.recon_batch=16 --resume"
 "$PY" benchmarks/accuracy.py $L0 --seeds 0 --settings W4A4 W4A8 \
   --only adaround-qdrop adaround-qdrop-ends8
-"$PY" benchmarks/accuracy.py $L0 --seeds 1 2 --settings W4A4 --only adaround-qdrop
+"$PY" benchmarks/accuracy.py $L0 --seeds 1 2 --settings W4A4 W4A8 --only adaround-qdrop
 # Adam's rate on Lite0 W4A8 (0.02 is grad-adam's row; 0.1, 0.3) and Adam with its state
 # carried across visits at 0.3: about 2.3 h a run on these 2 cores
 "$PY" benchmarks/accuracy.py --config configs/efficientnet_lite0.py --plan efficientnet \
