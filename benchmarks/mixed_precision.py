@@ -125,6 +125,15 @@ def run_after(ctx, record, name: str, qcfg, qparams) -> None:
                            "git_commit": git_commit()}
 
 
+def _mean_init_top1(runs: list, bed: str, a_bits: int, budget: float) -> dict:
+  """{width method: its mean top-1 at init over its seeds} at one bed, A and budget."""
+  tops = {}
+  for r in runs:
+    if (r["bed"], r["a_bits"], r["budget"]) == (bed, a_bits, budget):
+      tops.setdefault(r["method"], []).append(r["init_top1"])
+  return {m: float(np.mean(v)) for m, v in sorted(tops.items())}
+
+
 def summary(runs: list) -> dict:
   def mean_best(rows):
     if not rows:
@@ -144,20 +153,12 @@ def summary(runs: list) -> dict:
          "lite0_uniform_w4a8_top1": uni[0]["init_top1"] if uni else None}
   # every Lite0 A8 budget: each width method's mean top-1 at init over its seeds
   for budget in sorted({r["budget"] for r in runs if (r["bed"], r["a_bits"]) == ("lite0", 8)}):
-    tops = {}
-    for r in runs:
-      if (r["bed"], r["a_bits"], r["budget"]) == ("lite0", 8, budget):
-        tops.setdefault(r["method"], []).append(r["init_top1"])
     key = f"lite0_a8_mean_top1_at_{budget:g}_bits".replace(".", "p")
-    out[key] = {m: float(np.mean(v)) for m, v in sorted(tops.items())}
+    out[key] = _mean_init_top1(runs, "lite0", 8, budget)
   # the CIFAR-10 ViT at uniform W3's size: the widths alone, at init; the best width method
   # by mean top-1 against uniform, and the 95% interval of uniform's top-1
   for a_bits, tag in ((8, ""), (4, "a4")):
-    tops = {}
-    for r in runs:
-      if (r["bed"], r["budget"], r["a_bits"]) == ("vit", 3.0, a_bits):
-        tops.setdefault(r["method"], []).append(r["init_top1"])
-    means = {m: float(np.mean(v)) for m, v in sorted(tops.items())}
+    means = _mean_init_top1(runs, "vit", a_bits, 3.0)
     mixed = [m for m in means if m not in ("uniform", "random")]
     best = max(mixed, key=means.get) if mixed and "uniform" in means else None
     out[f"vit_mixed_vs_uniform_w3{tag}"] = means[best] - means["uniform"] if best else None
