@@ -26,6 +26,9 @@ SMALL="bits.images=128 bits.generations=10 bits.popsize=8 bits.pool=8"
 # sensitivity fill's widths under 4.5 bits, Lite0's best at init
 "$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 4.5 --methods sensitivity \
   --seeds 0 --after adaround-qdrop --set $SMALL
+# the tournament's scale search (2 passes) at Lite0's uniform and sensitivity widths
+"$PY" benchmarks/mixed_precision.py --bed lite0 --budgets 4.5 --methods uniform sensitivity \
+  --seeds 0 --after evolq --set $SMALL
 # reconstruction on the CIFAR-10 ViT's hard setting (W3A4), at its default 1,000 steps a
 # unit, 3 seeds; then the papers' layout (8-bit first and last layers) at seed 0
 "$PY" benchmarks/accuracy.py --config configs/cifar10.py --plan cifar10 \
