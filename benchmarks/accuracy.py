@@ -733,11 +733,12 @@ def _interval_reading(groups, ci):
 def _pass_losses(runs, setting, skip=()):
   """The calibration loss after each pass of the searches at `setting` that kept
   no per-block curve (their held-out records) -> [(method, seed, candidates, loss)];
-  a search spends the same number of evaluations on every pass."""
+  a search spends the same number of evaluations on every pass. A one-pass run (the
+  reconstruction rows: their steps are not candidate evaluations) has no curve."""
   out = []
   for r in runs:
-    passes = r.get("extra", {}).get("holdout") or []
-    if r["setting"] != setting or r["method"] in skip or len(passes) < 2:
+    passes = r.get("extra", {}).get("holdout") or []  # the start, then each pass
+    if r["setting"] != setting or r["method"] in skip or len(passes) < 3:
       continue
     per_pass = r["candidates_evaluated"] / (len(passes) - 1)
     out.append((r["method"], r["seed"], [p["pass"] * per_pass for p in passes],

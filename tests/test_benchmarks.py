@@ -246,9 +246,10 @@ def test_pass_losses_place_each_pass_at_its_evaluations(monkeypatch):
     return {"method": method, "setting": setting, "seed": 0, "candidates_evaluated": cands,
             "extra": {"holdout": [{"pass": i, "fitness": f} for i, f in enumerate(fits)]}}
   runs = [run("snes-eq", "W4A4", [3.0, 2.0, 1.5, 1.2]), run("snes-eq", "W4A8", [3.0, 2.5]),
-          run("evolq-infonce", "W4A4", [3.0] * 11, 640), run("init-reference", "W4A4", [])]
+          run("evolq-infonce", "W4A4", [3.0] * 11, 640), run("init-reference", "W4A4", []),
+          run("adaround-qdrop", "W4A4", [3.0, 1.0], 3200)]
   # the start, then every 208 of the 624 evaluations; other settings, curved
-  # methods and runs without passes are left out
+  # methods, runs without passes and one-pass runs (reconstruction) are left out
   assert accuracy._pass_losses(runs, "W4A4", skip={"evolq-infonce"}) == [
       ("snes-eq", 0, [0.0, 208.0, 416.0, 624.0], [3.0, 2.0, 1.5, 1.2])]
 
